@@ -16,12 +16,11 @@ The file reads like the paper:
 """
 import argparse
 import hashlib
-import json
 import math
 import os
+import pickle
 import sys
 import warnings
-from collections import deque
 from glob import glob
 
 import numpy as np
@@ -246,7 +245,7 @@ def render_scene(rng, height, width):
     for _ in range(int(rng.integers(1, 5))):  # cars on the road
         y = int(rng.uniform(horizon + 0.2 * (H - horizon), H - 2))
         s = depth(y)
-        w, h = int(W * 0.16 * s), int(H * 0.14 * s)
+        w, h = int(W * 0.22 * s), int(H * 0.17 * s)
         x0 = int(cx + rng.uniform(-1, 1) * max(half[y, 0] - w, 1) - w / 2)
         paint((yy <= y) & (yy > y - h) & (xx >= x0) & (xx < x0 + w), 26)
     for _ in range(int(rng.integers(0, 4))):  # people on the sidewalks
@@ -328,8 +327,10 @@ def load_clip(name_or_path, device):
         raise CarbError(f"--clip-model {name_or_path}: not a CLIP model name {clip.available_models()} "
                         "nor an existing file")
     try:
-        model, _ = clip.load(name_or_path, device=device, jit=False)
-    except (OSError, ValueError) as e:  # urllib's URLError is an OSError
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation warning for the official .pt files
+            model, _ = clip.load(name_or_path, device=device, jit=False)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # URLError is an OSError
         raise CarbError(f"--clip-model {name_or_path}: cannot load ({e}); offline, download the .pt elsewhere "
                         "and pass its path, e.g. --clip-model ~/.cache/clip/ViT-B-16.pt") from None
     return model.eval().requires_grad_(False)
@@ -365,7 +366,7 @@ def maskclip_scores(clip_model, images, text_classifier):
     vit = clip_model.visual
     p = vit.conv1.kernel_size[0]
     H, W = images.shape[-2:]
-    gh, gw = max(1, round(H / p)), max(1, round(W / p))
+    gh, gw = max(1, int(H / p + 0.5)), max(1, int(W / p + 0.5))  # nearest whole number of patches
     if (H, W) != (gh * p, gw * p):  # e.g. the up-scaled window: resize to whole patches, keep the border
         images = F.interpolate(images, size=(gh * p, gw * p), mode="bilinear", align_corners=False)
     x = vit.conv1(images.to(vit.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, width]
@@ -411,7 +412,7 @@ class SimulatedCLIP(nn.Module):
         image, like CLIP's noisy activations.
     It also provides the fixed "text classifier" (random orthonormal rows) that the segmentation model uses."""
 
-    def __init__(self, noise=0.3, dim=512, seed=0):
+    def __init__(self, noise=0.2, dim=512, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         colors = [SYNTH_COLORS[c.id][1] if c.id in SYNTH_COLORS else c.color for c in CITYSCAPES]
@@ -423,7 +424,7 @@ class SimulatedCLIP(nn.Module):
     @torch.inference_mode()
     def forward(self, images):
         H, W = images.shape[-2:]
-        gh, gw = max(1, round(H / self.patch)), max(1, round(W / self.patch))
+        gh, gw = max(1, int(H / self.patch + 0.5)), max(1, int(W / self.patch + 0.5))
         images = F.interpolate(images.float(), size=(gh * self.patch, gw * self.patch), mode="bilinear")
         rgb = images * torch.tensor(CLIP_STD, device=images.device)[:, None, None] \
             + torch.tensor(CLIP_MEAN, device=images.device)[:, None, None]
@@ -536,25 +537,23 @@ class RegionBalancer:
     inconsistent CE is 0 there is nothing to balance and w = coeff."""
 
     def __init__(self, coeff=1.0, window=5):
-        self.coeff, self.weight = coeff, coeff
-        self.consistent, self.inconsistent = deque(maxlen=window), deque(maxlen=window)
+        self.coeff, self.window, self.weight = coeff, window, coeff
+        self.consistent, self.inconsistent = [], []
 
     def __call__(self, consistent_ce, inconsistent_ce):
-        self.consistent.append(float(consistent_ce))
-        self.inconsistent.append(float(inconsistent_ce))
+        self.consistent = (self.consistent + [float(consistent_ce)])[-self.window:]
+        self.inconsistent = (self.inconsistent + [float(inconsistent_ce)])[-self.window:]
         mean_c = sum(self.consistent) / len(self.consistent)
         mean_i = sum(self.inconsistent) / len(self.inconsistent)
         self.weight = self.coeff * mean_c / mean_i if mean_i > 0 else self.coeff
         return self.weight
 
     def state_dict(self):
-        return {"coeff": self.coeff, "weight": self.weight,
+        return {"coeff": self.coeff, "window": self.window, "weight": self.weight,
                 "consistent": list(self.consistent), "inconsistent": list(self.inconsistent)}
 
     def load_state_dict(self, state):
-        self.coeff, self.weight = state["coeff"], state["weight"]
-        self.consistent.extend(state["consistent"])
-        self.inconsistent.extend(state["inconsistent"])
+        self.__dict__.update(state)
 
 # ---------------------------------------------------------------------------------------------------- end of block
 
@@ -674,11 +673,11 @@ DEFAULTS = {
                        multiplier=(1.0, 1.0), carb_start=16000, optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50",
                        backbone_weights="IMAGENET1K_V1", clip_model="ViT-B/16", val_every=2000, workers=4,
                        photometric=True),
-    "synthetic": dict(data_root="data/synthetic", out="runs/synthetic", iters=450, batch_size=4,
+    "synthetic": dict(data_root="data/synthetic", out="runs/synthetic", iters=400, batch_size=4,
                       crop=(128, 256), base_size=(256, 512), scale_range=(0.5, 2.0), window=(128, 64),
-                      multiplier=(1.0, 1.0), carb_start=240, optimizer="adamw", lr=1e-3, min_lr=1e-5,
+                      multiplier=(1.0, 1.0), carb_start=280, optimizer="adamw", lr=2e-3, min_lr=1e-5,
                       backbone="mobilenet_v3_large",
-                      backbone_weights="none", clip_model="simulated", val_every=100, workers=1,
+                      backbone_weights="none", clip_model="simulated", val_every=200, workers=1,
                       photometric=False),
 }
 SYNTHETIC_SIZES = dict(n_train=300, n_val=40)
@@ -741,6 +740,9 @@ def check_args(args):
             raise CarbError(f"--region-weight {args.region_weight}: use 'adaptive' or a number") from None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CarbError(f"--out {args.out} is a file: pass a folder")
+    if args.resume and not os.path.isfile(os.path.join(args.out, "last.pth")):
+        raise CarbError(f"--resume: {os.path.join(args.out, 'last.pth')} not found; "
+                        f"drop --resume to start a new run in {args.out}")
 
 
 def build_scorer(args, device):
@@ -785,8 +787,6 @@ def main(args):
     last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
     start, best = 0, -1.0
     if args.resume:
-        if not os.path.isfile(last):
-            raise CarbError(f"--resume: {last} not found; drop --resume to start a new run in {args.out}")
         ckpt = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

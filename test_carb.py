@@ -1,0 +1,592 @@
+"""Tests for carb.py and eval.py, grouped like carb.py's sections. Expected values are worked out by hand or by an
+independent route (numpy, a plain loop, CLIP's own forward pass), never by calling the code under test again.
+
+    python -m pytest -q          # ~1-2 min on 2 CPU cores; writes only under pytest's tmp_path
+"""
+import copy
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import carb
+
+with warnings.catch_warnings():  # the clip package imports pkg_resources, which warns on import
+    warnings.simplefilter("ignore")
+    import clip
+    import clip.model
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+C = len(carb.CLASS_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers and fixtures: a tiny Cityscapes tree, a tiny random CLIP
+# ---------------------------------------------------------------------------------------------------
+
+# Each image's labelIds: (labelId, rows) bands, and the trainIds that must be found in it.
+TRAIN_LABELS = [((23, slice(0, 20)), (11, slice(20, 40)), (7, slice(40, 64))),  # sky, building, road
+                ((0, slice(0, 10)), (7, slice(10, 50)), (26, slice(50, 64)))]  # unlabeled, road, car
+TRAIN_EXPECTED = [{10, 2, 0}, {0, 13}]
+VAL_LABELS = [((23, slice(0, 16)), (11, slice(16, 32)), (7, slice(32, 56)), (26, slice(56, 64))),
+              ((23, slice(0, 24)), (7, slice(24, 64)))]
+
+
+def write_tree(root, h=64, w=128):
+    """leftImg8bit/{split}/city/x_000000_00000N_leftImg8bit.png + gtFine/.../..._gtFine_labelIds.png."""
+    rng = np.random.default_rng(0)
+    for split, bands_per_image in (("train", TRAIN_LABELS), ("val", VAL_LABELS)):
+        img_dir, gt_dir = root / "leftImg8bit" / split / "city", root / "gtFine" / split / "city"
+        img_dir.mkdir(parents=True)
+        gt_dir.mkdir(parents=True)
+        for n, bands in enumerate(bands_per_image):
+            lab = np.zeros((h, w), np.uint8)
+            for label_id, rows in bands:
+                lab[rows] = label_id
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                img_dir / f"x_000000_00000{n}_leftImg8bit.png")
+            Image.fromarray(lab).save(gt_dir / f"x_000000_00000{n}_gtFine_labelIds.png")
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return write_tree(tmp_path / "cityscapes")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = clip.model.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
+                            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                            transformer_layers=1)
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_path):
+    return carb.load_clip(str(tiny_clip_path), "cpu")
+
+
+def cli(*args, home):
+    """Run a script of the repo; one OpenMP thread (tiny tensors; avoids oversubscription next to other jobs),
+    HOME in tmp so nothing can land in ~/.cache."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HOME=str(home))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Data
+# ---------------------------------------------------------------------------------------------------
+
+def test_label_to_train_matches_cityscapes_table():
+    known = {7: 0, 8: 1, 11: 2, 26: 13, 33: 18, 0: 255, 6: 255, 9: 255, 34: 255, 255: 255}
+    for label_id, train_id in known.items():
+        assert carb.LABEL_TO_TRAIN[label_id].item() == train_id, label_id
+    kept = (carb.LABEL_TO_TRAIN < 255).nonzero().flatten().tolist()
+    assert len(kept) == 19
+    assert sorted(carb.LABEL_TO_TRAIN[kept].tolist()) == list(range(19))
+
+
+def test_list_split_pairs_images_with_label_files(tree):
+    images, gts = carb.list_split(str(tree), "train")
+    city = os.path.join(str(tree), "{}", "train", "city")
+    assert images == [os.path.join(city.format("leftImg8bit"), f"x_000000_00000{n}_leftImg8bit.png") for n in (0, 1)]
+    assert gts == [os.path.join(city.format("gtFine"), f"x_000000_00000{n}_gtFine_labelIds.png") for n in (0, 1)]
+
+
+def test_list_split_missing_folder_names_it(tmp_path):
+    with pytest.raises(carb.CarbError, match=re.escape(os.path.join(str(tmp_path), "leftImg8bit", "val"))):
+        carb.list_split(str(tmp_path), "val")
+
+
+def test_image_level_labels_are_the_present_train_ids_and_cached(tree, tmp_path):
+    _, gts = carb.list_split(str(tree), "train")
+    expected = torch.zeros(2, C, dtype=torch.uint8)
+    for i, ids in enumerate(TRAIN_EXPECTED):
+        expected[i, sorted(ids)] = 1
+    labels = carb.image_level_labels(gts, C, str(tmp_path / "cache"))
+    assert labels.dtype == torch.uint8 and torch.equal(labels, expected)
+    shutil.rmtree(tree / "gtFine" / "train")  # the second call must come from the cache
+    assert torch.equal(carb.image_level_labels(gts, C, str(tmp_path / "cache")), expected)
+
+
+def test_weak_train_set_yields_image_labels_size_and_reads_no_gt(tree, tmp_path):
+    images, gts = carb.list_split(str(tree), "train")
+    labels = carb.image_level_labels(gts, C, str(tmp_path / "cache"))
+    shutil.rmtree(tree / "gtFine" / "train")
+    # base 16x32 at scale 1: the 64x128 image becomes 16x32 (factor min(32/128, 16/64) = 1/4), padded to 32x64
+    ds = carb.WeakTrainSet(images, labels, crop=(32, 64), base_size=(16, 32), scale_range=(1.0, 1.0), seed=0,
+                           photometric=False)
+    assert len(ds) == 2
+    for k, i in [(0, 0), (1, 1), (2, 0)]:
+        item = ds[(k, i)]
+        assert len(item) == 3
+        img, lab, valid_hw = item
+        assert img.dtype == torch.uint8 and img.shape == (3, 32, 64)
+        assert lab.dtype == torch.float32 and torch.equal(lab, labels[i].float())
+        assert valid_hw.tolist() == [16, 32]
+        assert img[:, 16:].eq(0).all() and img[:, :, 32:].eq(0).all()  # bottom/right padding
+        assert img[:, :16, :32].float().std() > 10  # the real (random-noise) image is inside
+
+
+def test_weak_train_set_random_crop_stays_inside_and_is_reproducible(tree, tmp_path):
+    images, gts = carb.list_split(str(tree), "train")
+    labels = carb.image_level_labels(gts, C, str(tmp_path / "cache"))
+    ds = carb.WeakTrainSet(images, labels, crop=(32, 64), base_size=(64, 128), scale_range=(0.5, 2.0), seed=3)
+    for k in range(6):
+        img, _, valid_hw = ds[(k, k % 2)]
+        assert img.shape == (3, 32, 64)
+        assert 1 <= valid_hw[0] <= 32 and 1 <= valid_hw[1] <= 64
+    fresh = carb.WeakTrainSet(images, labels, crop=(32, 64), base_size=(64, 128), scale_range=(0.5, 2.0), seed=3)
+    assert torch.equal(ds[(5, 1)][0], fresh[(5, 1)][0])  # randomness from (seed, k), not global state
+
+
+def test_render_scene_is_a_street():
+    rgb, lab = carb.render_scene(np.random.default_rng(0), 64, 128)
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 128, 3)
+    assert lab.dtype == np.uint8 and lab.shape == (64, 128)
+    present = set(np.unique(lab).tolist())
+    assert present <= set(carb.SYNTH_COLORS)
+    assert {23, 7} <= present
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. CLIP pseudo-masks (MaskCLIP)
+# ---------------------------------------------------------------------------------------------------
+
+def test_templates():
+    assert len(carb.TEMPLATES) == 85
+    assert "there is a {} in the scene." in carb.TEMPLATES
+    assert all(t.count("{}") == 1 for t in carb.TEMPLATES)
+    assert len(set(carb.TEMPLATES)) == 85
+
+
+def test_load_clip_unknown_name(tmp_path):
+    with pytest.raises(carb.CarbError, match=re.escape("ViT-Nope/99")):
+        carb.load_clip("ViT-Nope/99", "cpu")
+
+
+def test_load_clip_missing_file(tmp_path):
+    missing = str(tmp_path / "missing.pt")
+    with pytest.raises(carb.CarbError, match=re.escape(missing)):
+        carb.load_clip(missing, "cpu")
+
+
+def test_text_classifier_matches_hand_computed_prompt_ensemble(tiny_clip):
+    classifier = carb.text_classifier(tiny_clip, ["car", "tree"])
+    assert classifier.shape == (2, 32)
+    np.testing.assert_allclose(classifier.norm(dim=1).numpy(), [1, 1], atol=1e-5)
+    with torch.no_grad():  # CLIP's text encoder on the 85 prompts; normalize, average, renormalize in numpy
+        e = tiny_clip.encode_text(clip.tokenize([t.format("car") for t in carb.TEMPLATES])).numpy()
+    e = (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(classifier[0].numpy(), e / np.linalg.norm(e), atol=1e-5)
+    assert not torch.allclose(classifier[0], classifier[1])
+
+
+def test_text_classifier_cache_is_used(tmp_path):
+    cache = tmp_path / "text.pt"
+    stored = torch.eye(3, 8)
+    torch.save(stored, cache)
+    assert torch.equal(carb.text_classifier(None, ["a", "b", "c"], str(cache)), stored)  # no model needed
+
+
+def reference_maskclip(model, images, classifier):
+    """MaskCLIP from the spec, through CLIP's own forward pass: a hook takes the tokens entering the last block;
+    there, attention restricted to each token itself (diagonal mask) is exactly the value path."""
+    vit = copy.deepcopy(model.visual)
+    b, gh, gw, n = images.shape[0], images.shape[-2] // 16, images.shape[-1] // 16, vit.input_resolution // 16
+    if (gh, gw) != (n, n):  # positional embedding resized (bicubic) to the patch grid
+        pos = vit.positional_embedding.detach()
+        grid = pos[1:].T.reshape(1, -1, n, n)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False).reshape(-1, gh * gw).T
+        vit.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid]))
+    last, seen = vit.transformer.resblocks[-1], {}
+    last.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0]))
+    with torch.no_grad():
+        vit(images)
+        x = seen["x"]  # [1 + gh*gw, B, width]
+        y = last.ln_1(x)
+        self_only = torch.full((len(x), len(x)), float("-inf")).fill_diagonal_(0)
+        x = x + last.attn(y, y, y, need_weights=False, attn_mask=self_only)[0]
+        x = x + last.mlp(last.ln_2(x))
+        patches = vit.ln_post(x[1:]) @ vit.proj  # [gh*gw, B, D]
+        patches = patches / patches.norm(dim=-1, keepdim=True)
+        text = classifier / classifier.norm(dim=-1, keepdim=True)
+        return torch.einsum("nbd,cd->bcn", patches, text).reshape(b, -1, gh, gw)
+
+
+@pytest.fixture
+def unit_classifier():
+    return F.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)), dim=1)
+
+
+def test_maskclip_scores_native_grid_matches_reference(tiny_clip, unit_classifier):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores = carb.maskclip_scores(tiny_clip, images, unit_classifier)
+    assert scores.shape == (2, 5, 2, 2)
+    torch.testing.assert_close(scores, reference_maskclip(tiny_clip, images, unit_classifier), atol=1e-5, rtol=1e-4)
+
+
+def test_maskclip_scores_non_square_grid_matches_reference(tiny_clip, unit_classifier):
+    images = torch.randn(1, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    scores = carb.maskclip_scores(tiny_clip, images, unit_classifier)
+    assert scores.shape == (1, 5, 3, 5)
+    assert scores.abs().max() <= 1 + 1e-5  # cosine similarities
+    torch.testing.assert_close(scores, reference_maskclip(tiny_clip, images, unit_classifier), atol=1e-5, rtol=1e-4)
+
+
+def test_maskclip_scores_rounds_to_whole_patches(tiny_clip, unit_classifier):
+    images = torch.randn(1, 3, 36, 90, generator=torch.Generator().manual_seed(0))
+    scores = carb.maskclip_scores(tiny_clip, images, unit_classifier)
+    assert scores.shape == (1, 5, 2, 6)  # 36/16 = 2.25 -> 2, 90/16 = 5.6 -> 6
+    resized = F.interpolate(images, size=(32, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(scores, reference_maskclip(tiny_clip, resized, unit_classifier), atol=1e-5, rtol=1e-4)
+
+
+def test_pseudo_mask_only_labelled_classes_win():
+    # class 2 has the highest score everywhere but is not in the image's labels
+    scores = torch.tensor([[[[0.9, 0.1]], [[0.2, 0.8]], [[5.0, 5.0]]]])  # [1, 3, 1, 2]
+    mask = carb.pseudo_mask(scores, torch.tensor([[1.0, 1.0, 0.0]]), (1, 2))
+    assert mask.tolist() == [[[0, 1]]]
+    only_2 = carb.pseudo_mask(scores, torch.tensor([[0.0, 0.0, 1.0]]), (1, 2))
+    assert only_2.tolist() == [[[2, 2]]]
+
+
+def test_pseudo_mask_without_labels_is_all_ignore():
+    scores = torch.randn(2, 3, 2, 2)
+    mask = carb.pseudo_mask(scores, torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (4, 4))
+    assert (mask[0] == 255).all() and (mask[1] == 1).all()
+
+
+def test_pseudo_mask_upsamples_bilinearly():
+    # width 2 -> 3 (align_corners=False): source x = -1/6 (clamped to 0), 1/2, 7/6 (clamped to 1). In the middle
+    # the scores are the average, (0.5, 0.5, 0.6), so class 2 wins there; nearest would give [0, 0, 1].
+    scores = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]], [[0.6, 0.6]]]])
+    mask = carb.pseudo_mask(scores, torch.tensor([[1.0, 1.0, 1.0]]), (2, 3))
+    assert mask.shape == (1, 2, 3) and mask.dtype == torch.long
+    assert mask.tolist() == [[[0, 2, 1]] * 2]
+
+
+def test_simulated_clip_shape_determinism_and_classifier():
+    sim = carb.SimulatedCLIP()
+    x = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(0))
+    out = sim(x)
+    assert out.shape == (2, C, 4, 8)
+    assert torch.equal(out, carb.SimulatedCLIP()(x.clone()))
+    t = sim.text_classifier
+    torch.testing.assert_close(t @ t.T, torch.eye(C), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Global-local view
+# ---------------------------------------------------------------------------------------------------
+
+def test_sample_window_inside_crop():
+    tops, lefts = set(), set()
+    for seed in range(300):
+        top, left, h, w, m = carb.sample_window((32, 64), (16, 48), 0.5, 1.25, torch.Generator().manual_seed(seed))
+        assert (h, w) == (16, 48)
+        assert 0 <= top <= 16 and 0 <= left <= 16
+        assert top + h <= 32 and left + w <= 64
+        assert 1.25 <= m < 1.75
+        tops.add(top)
+        lefts.add(left)
+    assert {0, 16} <= tops and {0, 16} <= lefts  # both extremes reachable
+
+
+def test_sample_window_larger_than_crop_is_the_crop():
+    top, left, h, w, m = carb.sample_window((32, 64), (64, 100), 0.0, 2.0, torch.Generator().manual_seed(0))
+    assert (top, left, h, w, m) == (0, 0, 32, 64, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. CARB loss
+# ---------------------------------------------------------------------------------------------------
+
+# B=1, C=3, H=1, W=5; class 2 is not in the image's labels. Columns:
+#   0: argmax 0, pseudo 0 -> consistent
+#   1: argmax over all = 2, over labelled = 1, pseudo 1 -> consistent (only thanks to the restriction)
+#   2: pseudo 255 -> ignored
+#   3: prediction 0, pseudo 1 -> inconsistent
+#   4: prediction 1, pseudo 0 -> inconsistent
+LOGITS = np.array([[2.0, 0.2, 1.0, 1.5, 0.0],
+                   [0.5, 1.0, 0.0, -0.5, 2.0],
+                   [-1.0, 3.0, 0.0, 0.3, 0.5]])
+PSEUDO = [0, 1, 255, 1, 0]
+LABELS = [1.0, 1.0, 0.0]
+
+
+def nll(col, target):
+    """-log_softmax(LOGITS[:, col])[target] in numpy."""
+    z = LOGITS[:, col]
+    return -(z[target] - z.max() - np.log(np.exp(z - z.max()).sum()))
+
+
+CE_C = (nll(0, 0) + nll(1, 1)) / 2
+CE_I = (nll(3, 1) + nll(4, 0)) / 2
+
+
+def carb_inputs():
+    logits = torch.tensor(LOGITS, dtype=torch.float32).reshape(1, 3, 1, 5).requires_grad_()
+    return logits, torch.tensor([PSEUDO]).reshape(1, 1, 5), torch.tensor([LABELS])
+
+
+def test_carb_loss_regions_and_float_weight():
+    logits, mask, labels = carb_inputs()
+    loss, ce_c, ce_i = carb.carb_loss(logits, mask, labels, 0.25)
+    assert ce_c.item() == pytest.approx(CE_C, rel=1e-5)
+    assert ce_i.item() == pytest.approx(CE_I, rel=1e-5)
+    assert loss.item() == pytest.approx(CE_C + 0.25 * CE_I, rel=1e-5)
+    assert not ce_c.requires_grad and not ce_i.requires_grad
+
+
+def test_carb_loss_gradient_by_hand():
+    logits, mask, labels = carb_inputs()
+    loss, _, _ = carb.carb_loss(logits, mask, labels, 0.25)
+    loss.backward()
+    # d CE / d z = softmax(z) - onehot, divided by the region size (2 each), times 0.25 for the inconsistent one
+    expected = np.zeros_like(LOGITS)
+    for col, scale in [(0, 0.5), (1, 0.5), (3, 0.125), (4, 0.125)]:
+        p = np.exp(LOGITS[:, col] - LOGITS[:, col].max())
+        p /= p.sum()
+        p[PSEUDO[col]] -= 1
+        expected[:, col] = scale * p
+    grad = logits.grad.reshape(3, 5).numpy()
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(grad, expected, atol=1e-6)  # column 2 (ignored) gets exactly 0
+
+
+def test_carb_loss_callable_weight_gets_this_calls_values():
+    logits, mask, labels = carb_inputs()
+    calls = []
+
+    def weight(c, i):
+        calls.append((c, i))
+        return 0.5
+
+    loss, _, _ = carb.carb_loss(logits, mask, labels, weight)
+    assert len(calls) == 1
+    c, i = calls[0]
+    assert not c.requires_grad and not i.requires_grad
+    assert c.item() == pytest.approx(CE_C, rel=1e-5) and i.item() == pytest.approx(CE_I, rel=1e-5)
+    assert loss.item() == pytest.approx(CE_C + 0.5 * CE_I, rel=1e-5)
+
+
+def test_carb_loss_all_consistent_gives_zero_inconsistent_ce():
+    logits, _, labels = carb_inputs()
+    mask = torch.tensor([[[0, 1, 255, 0, 1]]])  # the labelled argmax everywhere
+    loss, ce_c, ce_i = carb.carb_loss(logits, mask, labels, carb.RegionBalancer())
+    expected_c = (nll(0, 0) + nll(1, 1) + nll(3, 0) + nll(4, 1)) / 4
+    assert ce_i.item() == 0.0
+    assert ce_c.item() == pytest.approx(expected_c, rel=1e-5)
+    assert loss.item() == pytest.approx(expected_c, rel=1e-5)
+
+
+def test_carb_loss_all_ignored_is_exactly_zero():
+    logits, _, labels = carb_inputs()
+    loss, ce_c, ce_i = carb.carb_loss(logits, torch.full((1, 1, 5), 255), labels, carb.RegionBalancer())
+    assert loss.item() == 0.0 and ce_c.item() == 0.0 and ce_i.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_region_balancer_window_mean_ratio():
+    balancer = carb.RegionBalancer(coeff=0.5, window=3)
+    pushes = [(1, 2), (2, 2), (3, 4), (4, 8), (5, 1)]
+    # 0.5 * mean(last 3 c) / mean(last 3 i), by hand
+    expected = [0.5 * 1 / 2, 0.5 * 1.5 / 2, 0.5 * 2 / (8 / 3), 0.5 * 3 / (14 / 3), 0.5 * 4 / (13 / 3)]
+    for (c, i), w in zip(pushes, expected):
+        assert balancer(torch.tensor(float(c)), torch.tensor(float(i))) == pytest.approx(w)
+        assert balancer.weight == pytest.approx(w)
+
+
+def test_region_balancer_zero_inconsistent_gives_coeff():
+    balancer = carb.RegionBalancer(coeff=0.7, window=5)
+    assert balancer(1.3, 0.0) == 0.7 and balancer.weight == 0.7
+
+
+def test_region_balancer_state_round_trip(tmp_path):
+    a = carb.RegionBalancer()
+    for c, i in [(1.0, 2.0), (0.5, 3.0), (2.0, 1.0), (1.5, 1.5), (0.2, 4.0), (3.0, 1.0)]:
+        a(c, i)
+    torch.save(a.state_dict(), tmp_path / "b.pt")  # as in a checkpoint
+    b = carb.RegionBalancer()
+    b.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
+    assert b.weight == a.weight
+    for c, i in [(1.0, 1.0), (4.0, 0.5), (0.1, 2.0)]:
+        assert b(c, i) == a(c, i)
+
+
+def test_masked_cross_entropy_matches_torch_mean():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, generator=g)
+    target = torch.randint(0, 4, (2, 3, 5), generator=g)
+    target[0, 0] = 255
+    target[1, :, 2] = 255
+    expected = F.cross_entropy(logits, target, ignore_index=255)
+    torch.testing.assert_close(carb.masked_cross_entropy(logits, target), expected)
+
+
+def test_masked_cross_entropy_all_ignored_is_zero():
+    out = carb.masked_cross_entropy(torch.randn(1, 4, 2, 2), torch.full((1, 2, 2), 255))
+    assert out.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Evaluation
+# ---------------------------------------------------------------------------------------------------
+
+def test_iou_from_confusion_and_mean_iou():
+    conf = torch.tensor([[5, 1, 0, 2],  # rows = GT, columns = prediction
+                         [0, 0, 0, 0],  # class 1: predicted (4 px) but absent from GT -> IoU 0, counted
+                         [0, 0, 0, 0],  # class 2: in neither -> NaN, left out
+                         [1, 3, 0, 4]])
+    iou = carb.iou_from_confusion(conf)
+    assert iou[0].item() == pytest.approx(5 / 9)  # tp 5, union 8 + 6 - 5
+    assert iou[1].item() == 0.0
+    assert math.isnan(iou[2].item())
+    assert iou[3].item() == pytest.approx(4 / 10)  # tp 4, union 8 + 6 - 4
+    assert carb.mean_iou(iou) == pytest.approx(100 * (5 / 9 + 0 + 0.4) / 3)
+
+
+def test_confusion_matrix_matches_loop():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 5, (2, 6, 7))
+    gt[rng.random(gt.shape) < 0.3] = 255
+    pred = rng.integers(0, 5, (2, 6, 7))
+    expected = np.zeros((5, 5), np.int64)
+    for g, p in zip(gt.ravel(), pred.ravel()):
+        if g != 255:
+            expected[g, p] += 1
+    conf = carb.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt).to(torch.uint8), 5)
+    np.testing.assert_array_equal(conf.numpy(), expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. main / CLI, end to end on the tiny tree with the tiny CLIP
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_clip_path):
+    """One 4-iteration run (CARB from iteration 2); afterwards gtFine/train is removed, so every later run
+    proves that training takes nothing from the train GT beyond the cached image-level labels."""
+    base = tmp_path_factory.mktemp("e2e")
+    root = write_tree(base / "cityscapes")
+    home = base / "home"
+    home.mkdir()
+
+    def train(out, iters, *extra):
+        return cli("carb.py", "--data", "cityscapes", "--data-root", root, "--out", out, "--iters", iters,
+                   "--batch-size", 2, "--crop", 32, 64, "--window", 32, 16, "--carb-start", 2, "--val-every", 2,
+                   "--workers", 0, "--backbone", "mobilenet_v3_large", "--backbone-weights", "none",
+                   "--clip-model", tiny_clip_path, "--cache-dir", base / "cache", "--device", "cpu", *extra, home=home)
+
+    first = train(base / "run", 4)
+    shutil.rmtree(root / "gtFine" / "train")
+    return dict(base=base, root=root, home=home, run=base / "run", first=first, train=train)
+
+
+def test_train_cli_prints_both_mious_and_saves_checkpoint(trained):
+    r = trained["first"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("pseudo-mask", "model"):
+        found = re.findall(rf"^{name} mIoU: (\S+)$", r.stdout, re.M)
+        assert len(found) == 1, r.stdout
+        assert 0 <= float(found[0]) <= 100
+    ckpt = torch.load(trained["run"] / "last.pth", weights_only=True)
+    assert ckpt["iteration"] == 4
+    assert "text_classifier" in ckpt["model"] and ckpt["model"]["text_classifier"].shape == (C, 32)
+    assert len(ckpt["balancer"]["consistent"]) == 2  # CARB ran at iterations 2 and 3
+
+
+def test_eval_cli(trained):
+    r = cli("eval.py", "--data", "cityscapes", "--data-root", trained["root"], "--ckpt", trained["run"] / "last.pth",
+            "--device", "cpu", "--workers", 0, home=trained["home"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = re.findall(r"^mIoU: (\S+)$", r.stdout, re.M)
+    assert len(found) == 1 and 0 <= float(found[0]) <= 100
+
+
+def test_resume_continues_to_more_iterations(trained):
+    out = trained["base"] / "resumed"
+    shutil.copytree(trained["run"], out)
+    r = trained["train"](out, 6, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["iteration"] == 6
+    assert len(ckpt["balancer"]["consistent"]) == 4  # 2 restored + iterations 4 and 5
+
+
+def test_training_needs_no_train_gt(trained):
+    assert not (trained["root"] / "gtFine" / "train").exists()
+    r = trained["train"](trained["base"] / "no_gt", 3, "--carb-start", 1, "--val-every", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(trained["base"] / "no_gt" / "last.pth", weights_only=True)["iteration"] == 3
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+def test_resume_without_checkpoint_is_a_one_line_error(trained):
+    empty = trained["base"] / "empty"
+    empty.mkdir()
+    r = trained["train"](empty, 4, "--resume")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("carb.py: error: --resume"), r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == lines[0]
+
+
+def test_missing_data_root_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    r = cli("carb.py", "--data", "cityscapes", "--data-root", missing, "--out", tmp_path / "run",
+            "--cache-dir", tmp_path / "cache", "--device", "cpu", home=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("carb.py: error:") and "--data-root" in lines[0] and str(missing) in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_has_no_side_effects(tmp_path):
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    home.mkdir()
+    env = dict(os.environ, PYTHONPATH=REPO, HOME=str(home), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", "import carb"], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert os.listdir(cwd) == [] and os.listdir(home) == []
+
+
+def test_readme_loss_block_is_carb_section_5():
+    """The README's copy-paste block is section 5 of carb.py, character for character, and runs on torch alone."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    start = readme.index("```python\n", readme.index("## The loss, for copy-paste")) + len("```python\n")
+    block = readme[start:readme.index("```", start)]
+    source = open(os.path.join(REPO, "carb.py")).read()
+    section = source[source.index("def masked_cross_entropy("):source.index("\n# ---", source.index("class RegionBalancer:"))]
+    assert block == "import torch\n\n\n" + section.rstrip() + "\n"
+    namespace = {}
+    exec(block, namespace)  # only `import torch` is available to it
+    loss, ce_c, ce_i = namespace["carb_loss"](torch.zeros(1, 2, 1, 2, requires_grad=True), torch.tensor([[[0, 1]]]),
+                                              torch.ones(1, 2), namespace["RegionBalancer"]())
+    # all-zero logits: argmax picks class 0, so pixel 0 is consistent and pixel 1 not; both CEs are log 2
+    assert math.isclose(ce_c.item(), math.log(2), rel_tol=1e-6) and math.isclose(ce_i.item(), math.log(2), rel_tol=1e-6)
