@@ -11,7 +11,7 @@ The file reads like the paper:
   3. Global-local   CLIP also labels an up-scaled window of the crop (recovers small objects)
   4. Model          torchvision DeepLabV3 whose classifier is CLIP's text embeddings
   5. CARB loss      consistency-aware region balancing (copy-paste block, torch only)
-  6. Training       plain PyTorch loop, poly lr, validation mIoU, checkpoints
+  6. Training       plain PyTorch loop, poly lr, validation mIoU and pictures, checkpoints
   7. main()
 """
 import argparse
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
@@ -47,8 +47,10 @@ CITYSCAPES = [c for c in torchvision.datasets.Cityscapes.classes if not c.ignore
 CLASS_NAMES = [c.name for c in CITYSCAPES]
 PALETTE = [c.color for c in CITYSCAPES]
 LABEL_TO_TRAIN = torch.full((256,), 255, dtype=torch.uint8)
+TRAIN_TO_LABEL = torch.zeros(256, dtype=torch.uint8)  # and back; void (255) -> 0 "unlabeled", a miss when scored
 for _c in CITYSCAPES:
     LABEL_TO_TRAIN[_c.id] = _c.train_id
+    TRAIN_TO_LABEL[_c.train_id] = _c.id
 # The names CARB gives CLIP for those classes ("tree" for vegetation, "pedestrian" for person, ...).
 CLIP_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "tree",
               "grass", "sky", "pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
@@ -74,6 +76,12 @@ def list_split(root, split):
     gts = [p.replace(os.sep + "leftImg8bit" + os.sep, os.sep + "gtFine" + os.sep, 1)
            .replace("_leftImg8bit.png", "_gtFine_labelIds.png") for p in images]
     return images, gts
+
+
+def image_id(path):
+    """frankfurt_000000_000294 for .../frankfurt_000000_000294_leftImg8bit.png; other images: the file name's stem."""
+    name = os.path.basename(path)
+    return name[:-len("_leftImg8bit.png")] if name.endswith("_leftImg8bit.png") else os.path.splitext(name)[0]
 
 
 def read_image(path):
@@ -597,18 +605,39 @@ def train_one_step(model, scorer, batch, window, carb_on, balancer, device):
                              "ce_i": ce_i.item(), "w": balancer.weight}
 
 
+@torch.no_grad()
+def predict(model, images, scales=(1.0,), flip=False):
+    """uint8 images [B,3,H,W] -> trainIds [B,H,W]: the whole image at full resolution, as the official test config.
+    Several scales and/or flip (test-time augmentation): the softmax is averaged over the views, each resized back
+    to the image first, as mmseg's aug_test."""
+    x = normalize(images.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    H, W = x.shape[-2:]
+    probs = 0
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear", align_corners=False)
+        for flipped in (False, True)[:1 + flip]:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                logits = model(xs.flip(-1) if flipped else xs)
+            logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+            probs = probs + (logits.flip(-1) if flipped else logits).softmax(1)
+    return probs.argmax(1)
+
+
 def confusion_matrix(pred, gt, num_classes):
-    """[C, C] counts, rows = ground truth, columns = prediction; pixels with gt 255 are skipped."""
+    """[C, C+1] counts, rows = ground truth, columns = prediction. Pixels with gt 255 are skipped; the last column
+    counts void predictions (255, or any id >= C): a miss for the GT class, a false positive for none, as a
+    prediction of an ignored labelId is in the official Cityscapes evaluation."""
     keep = gt != 255
-    idx = gt[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
+    return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
 
 
 def iou_from_confusion(conf):
-    """Per-class IoU = tp / (tp + fp + fn); NaN for a class with neither GT nor predicted pixels."""
+    """Per-class IoU = tp / (tp + fp + fn) from a [C, C] or [C, C+1] confusion matrix (rows = GT, with void
+    predictions in the extra column); NaN for a class with neither GT nor predicted pixels."""
     conf = conf.double()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
+    tp = conf.diagonal()
+    union = conf[:, :len(tp)].sum(0) + conf.sum(1) - tp
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
@@ -617,16 +646,18 @@ def mean_iou(iou):
     return 100 * iou[~iou.isnan()].mean().item()
 
 
+def present_classes(gt, num_classes):
+    """trainId mask [H,W] -> [C] float, 1 for each class in it: the image-level labels of one image."""
+    return (torch.bincount(gt[gt != 255].long(), minlength=num_classes)[:num_classes] > 0).float()
+
+
 @torch.no_grad()
 def evaluate(model, loader, num_classes, device, desc="val"):
     """Whole-image inference at full resolution; the confusion matrix is summed on the device. Returns IoUs."""
     model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
     for images, gts in tqdm(loader, desc=desc, leave=False):
-        x = normalize(images.to(device).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(x).argmax(1)
-        conf += confusion_matrix(pred, gts.to(device), num_classes)
+        conf += confusion_matrix(predict(model, images.to(device)), gts.to(device), num_classes)
     model.train()
     return iou_from_confusion(conf)
 
@@ -634,24 +665,76 @@ def evaluate(model, loader, num_classes, device, desc="val"):
 @torch.no_grad()
 def evaluate_pseudo_masks(scorer, loader, num_classes, device):
     """IoU of CLIP's global pseudo-masks on a split, restricted to each image's GT image-level labels."""
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
     for images, gts in tqdm(loader, desc="pseudo-masks", leave=False):
         gts = gts.to(device)
-        labels = torch.stack([torch.bincount(g[g != 255].long(), minlength=num_classes) > 0 for g in gts]).float()
+        labels = torch.stack([present_classes(g, num_classes) for g in gts])
         clip_x = normalize(images.to(device).float() / 255, CLIP_MEAN, CLIP_STD)
         conf += confusion_matrix(pseudo_mask(scorer(clip_x), labels, gts.shape[-2:]), gts, num_classes)
     return iou_from_confusion(conf)
 
 
+# Pictures: image | masks side by side, in the Cityscapes palette (void black), titled, with a legend below.
+VIS_TITLE_H, VIS_LEGEND_H, VIS_LEGEND_W, VIS_MAX_W = 16, 16, 112, 1024  # pixels
+
+
+def colorize(mask):
+    """trainId mask [H,W] -> RGB uint8 [H,W,3] in the Cityscapes palette; void (255) black."""
+    lut = torch.zeros(256, 3, dtype=torch.uint8)
+    lut[:len(PALETTE)] = torch.tensor(PALETTE, dtype=torch.uint8)
+    return lut[mask.cpu().long()]
+
+
+def vis_strip(image, masks):
+    """One picture per image: the image (uint8 [3,H,W]), then each trainId mask [H,W] of `masks` ({title: mask}),
+    side by side under their titles, then a legend of the classes present. Panels wider than VIS_MAX_W are shrunk
+    to it (a Cityscapes strip at full resolution would be 8192 px wide)."""
+    H, W = image.shape[-2:]
+    w, h = min(W, VIS_MAX_W), round(H * min(W, VIS_MAX_W) / W)
+    panels = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((w, h), Image.BILINEAR)]
+    panels += [Image.fromarray(colorize(m).numpy()).resize((w, h), Image.NEAREST) for m in masks.values()]
+    present = sorted({c for m in masks.values() for c in m.unique().tolist() if c < len(CLASS_NAMES)})
+    per_row = max(1, len(panels) * w // VIS_LEGEND_W)
+    strip = Image.new("RGB", (len(panels) * w, VIS_TITLE_H + h + math.ceil(len(present) / per_row) * VIS_LEGEND_H),
+                      "white")
+    draw = ImageDraw.Draw(strip)  # PIL's default font: no font file to ship
+    for k, (title, panel) in enumerate(zip(["image", *masks], panels)):
+        strip.paste(panel, (k * w, VIS_TITLE_H))
+        draw.text((k * w + 3, 2), title, fill="black")
+    for n, c in enumerate(present):
+        x, y = n % per_row * VIS_LEGEND_W, VIS_TITLE_H + h + n // per_row * VIS_LEGEND_H
+        draw.rectangle((x + 3, y + 3, x + 13, y + 13), fill=PALETTE[c], outline="black")
+        draw.text((x + 17, y + 2), CLASS_NAMES[c], fill="black")
+    return strip
+
+
+@torch.no_grad()
+def write_val_strips(model, scorer, dataset, out_dir, device, n=4):
+    """The pictures of a validation: image | CLIP pseudo-mask | prediction | GT, for n fixed val images
+    (spread over the split), as out_dir/IMAGE_ID.png."""
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    for i in range(0, len(dataset), max(1, len(dataset) // n))[:n]:
+        image, gt = dataset[i]
+        x = image[None].to(device)
+        labels = present_classes(gt, len(CLASS_NAMES))[None].to(device)
+        clip_mask = pseudo_mask(scorer(normalize(x.float() / 255, CLIP_MEAN, CLIP_STD)), labels, gt.shape)[0]
+        strip = vis_strip(image, {"CLIP pseudo-mask": clip_mask, "prediction": predict(model, x)[0], "GT": gt})
+        strip.save(os.path.join(out_dir, image_id(dataset.images[i]) + ".png"))
+    model.train()
+
+
 def format_table(columns, class_names):
     """Aligned per-class IoU table; columns = {title: iou tensor}."""
-    lines = [f"{'class':<15}" + "".join(f"{t:>14}" for t in columns)]
+    widths = [max(14, len(t) + 2) for t in columns]
+    lines = [f"{'class':<15}" + "".join(f"{t:>{n}}" for t, n in zip(columns, widths))]
     for i, name in enumerate(class_names):
         vals = [c[i].item() for c in columns.values()]
         if all(math.isnan(v) for v in vals):
             continue
-        lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>14}" for v in vals))
-    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>14.2f}" for c in columns.values()))
+        lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
+                                             for v, n in zip(vals, widths)))
+    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
     return "\n".join(lines)
 
 
@@ -822,6 +905,7 @@ def main(args):
         if (it + 1) % args.val_every == 0 or it + 1 == args.iters:
             miou = mean_iou(evaluate(model, val_loader, num_classes, device))
             tqdm.write(f"iter {it + 1}: val mIoU {miou:.2f}")
+            write_val_strips(model, scorer, val_set, os.path.join(args.out, "vis", str(it + 1)), device)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it + 1,
                      "balancer": balancer.state_dict() if balancer else None, "rng": torch.get_rng_state(),
                      "best_miou": max(best, miou), "miou": miou, "args": vars(args)}

@@ -1,45 +1,260 @@
-"""eval.py -- mIoU of a carb.py checkpoint on a split, whole image at full resolution.
+"""eval.py -- judge a carb.py run: the model, saved predictions, CLIP's pseudo-masks; export and pictures.
 
-    python eval.py --data cityscapes --data-root data/cityscapes --ckpt runs/cityscapes/last.pth
-    python eval.py --data synthetic --ckpt runs/synthetic/last.pth
+    python eval.py --data synthetic --ckpt runs/synthetic/best.pth                    # the model on val
+    python eval.py --ckpt RUN/best.pth --flip --scales 0.5 0.75 1.0 1.25 1.5 1.75     # + test-time augmentation
+    python eval.py --pred-dir PRED --pred-format labelid                              # saved prediction PNGs
+    python eval.py --clip --clip-scale 2 --clip-tiles 2                               # CLIP's pseudo-masks (Fig. 3)
+    python eval.py --data cityscapes --split test --ckpt RUN/best.pth --save-dir SUB  # for the benchmark server
+    python eval.py --images FRAMES --ckpt RUN/best.pth --save-dir OUT                 # any folder of images
+
+--ckpt, --pred-dir and --clip can be combined: each is a column of one table. --vis DIR writes a picture per image,
+--json FILE the numbers. One confusion matrix per column is summed over the split (IoU = tp / (tp + fp + fn));
+classes with neither GT nor predicted pixels are left out of the mean, as in the official Cityscapes evaluation.
 """
 import argparse
+import json
+import math
 import os
+import re
 import sys
+from glob import glob
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 import carb
 
+C = len(carb.CLASS_NAMES)
+SUFFIX = {"trainid": "trainIds", "labelid": "labelIds", "color": "color"}  # --save-format -> file name suffix
+ID_LIMIT = {"trainid": C, "labelid": 34}  # legal ids in a prediction PNG: below this, or 255 (void)
+CITYSCAPES_ID = re.compile(r"[A-Za-z]+_\d{6}_\d{6}")  # city_seq_frame, e.g. frankfurt_000000_000294
+
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Evaluate a carb.py checkpoint (per-class IoU and mIoU).",
+    p = argparse.ArgumentParser(description="Evaluate, export and draw carb.py predictions and CLIP pseudo-masks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", choices=list(carb.DEFAULTS), default="synthetic")
     p.add_argument("--data-root", help="default: the dataset's carb.py default")
-    p.add_argument("--ckpt", required=True, help="a carb.py checkpoint, e.g. RUN/last.pth")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="a folder of leftImg8bit/; 'test' is predicted, not scored")
+    p.add_argument("--images", metavar="DIR", help="instead of a split: every .png/.jpg in DIR (no ground truth)")
+    p.add_argument("--ckpt", help="score (or predict with) a carb.py checkpoint, e.g. RUN/best.pth")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: also the mirrored image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="test-time augmentation: scales whose softmax is averaged, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
+    p.add_argument("--pred-dir", help="score saved prediction PNGs, found by the image id (city_seq_frame) in the name")
+    p.add_argument("--pred-format", choices=["trainid", "labelid"], default="labelid", help="ids in --pred-dir PNGs")
+    p.add_argument("--clip", action="store_true", help="score CLIP's pseudo-masks (restricted to the GT's classes)")
+    p.add_argument("--clip-scale", type=float, default=1.0, help="also CLIP on the image up-scaled by this")
+    p.add_argument("--clip-tiles", type=int, default=1, help="also CLIP on N x N tiles, stitched back")
+    p.add_argument("--clip-model", help="default: the checkpoint's, else the dataset's carb.py default")
+    p.add_argument("--save-dir", help="write the predictions (of --ckpt, else of --pred-dir) as ID_SUFFIX.png")
+    p.add_argument("--save-format", nargs="+", choices=list(SUFFIX),
+                   help="default: labelid (what the Cityscapes server takes); with --images: trainid color")
+    p.add_argument("--vis", metavar="DIR", help="write one picture per image: image | CLIP | prediction | GT")
+    p.add_argument("--json", metavar="FILE", help="write per-class IoU, mIoU, pixel accuracy and pixel counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cache-dir", default=carb.get_args_parser().get_default("cache_dir"),
+                   help="CLIP text embeddings are cached here")
     return p
 
 
-def main(args):
-    device = torch.device(args.device)
-    root = args.data_root or carb.DEFAULTS[args.data]["data_root"]
-    if not os.path.isfile(args.ckpt):
+def check_args(args, has_gt):
+    where = "--images" if args.images else f"--split {args.split}"
+    if not (args.ckpt or args.pred_dir or args.clip):
+        raise carb.CarbError("nothing to evaluate: pass --ckpt, --pred-dir and/or --clip")
+    if not has_gt and (args.pred_dir or args.clip):
+        raise carb.CarbError(f"{where} has no ground truth to score --pred-dir or --clip against: use --split val")
+    if not has_gt and not (args.ckpt and (args.save_dir or args.vis)):
+        raise carb.CarbError(f"{where} has no ground truth: pass --ckpt with --save-dir and/or --vis")
+    if args.save_dir and not (args.ckpt or args.pred_dir):
+        raise carb.CarbError("--save-dir writes predictions: pass --ckpt or --pred-dir")
+    if args.save_format and not args.save_dir:
+        raise carb.CarbError("--save-format needs --save-dir")
+    if args.ckpt and not os.path.isfile(args.ckpt):
         raise carb.CarbError(f"--ckpt {args.ckpt} not found: pass RUN/last.pth or RUN/best.pth of a carb.py run")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    state = ckpt["model"]
-    # The text classifier is a buffer of the model, so no CLIP is needed to evaluate.
-    model = carb.Segmenter(ckpt["args"]["backbone"], state["text_classifier"]).to(device)
-    model.load_state_dict(state)
-    loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(root, args.split)), batch_size=1,
-                                         num_workers=args.workers)
-    iou = carb.evaluate(model, loader, len(carb.CLASS_NAMES), device, desc=args.split)
-    print(carb.format_table({"IoU": iou}, carb.CLASS_NAMES))
-    print(f"mIoU: {carb.mean_iou(iou):.2f}")
-    return iou
+    if args.clip_tiles < 1 or args.clip_scale <= 0 or min(args.scales) <= 0:
+        raise carb.CarbError("--clip-tiles must be at least 1, --clip-scale and --scales positive")
+
+
+class Frames(carb.EvalSet):
+    """carb's EvalSet, also without ground truth (the test split, --images): then the mask is None."""
+
+    def __getitem__(self, i):
+        return super().__getitem__(i) if self.gts else (carb.read_image(self.images[i]), None)
+
+
+def list_images(folder):
+    if not os.path.isdir(folder):
+        raise carb.CarbError(f"--images {folder} is not a folder")
+    images = sorted(p for p in glob(os.path.join(folder, "*")) if p.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not images:
+        raise carb.CarbError(f"--images {folder} holds no .png/.jpg files")
+    return images
+
+
+def load_model(path, device):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # The text classifier is a buffer of the model, so no CLIP is needed to predict.
+    model = carb.Segmenter(ckpt["args"]["backbone"], ckpt["model"]["text_classifier"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["args"]
+
+
+def match_predictions(pred_dir, ids, split):
+    """The prediction PNG of each image, found by the image id anywhere in its name (in any sub-folder), as the
+    official script finds them. Missing, extra and doubled files are errors that name the first culprit."""
+    if not os.path.isdir(pred_dir):
+        raise carb.CarbError(f"--pred-dir {pred_dir} is not a folder")
+    found, extra = {}, []
+    for path in sorted(glob(os.path.join(pred_dir, "**", "*.png"), recursive=True)):
+        hits = [m for m in CITYSCAPES_ID.findall(os.path.basename(path)) if m in ids]
+        if not hits:
+            extra.append(path)
+        elif hits[0] in found:
+            raise carb.CarbError(f"--pred-dir: two predictions for {hits[0]} ({found[hits[0]]}, {path}): keep one "
+                                 "PNG per image (save each --save-format to its own folder)")
+        else:
+            found[hits[0]] = path
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise carb.CarbError(f"--pred-dir: {len(missing)} of {len(ids)} images of --split {split} have no prediction "
+                             f"in {pred_dir} (first: {missing[0]}): write one PNG per image, named with its image id")
+    if extra:
+        raise carb.CarbError(f"--pred-dir: {len(extra)} PNG(s) in {pred_dir} are for no image of --split {split} "
+                             f"(first: {extra[0]}): remove them, or pass the split they were made for")
+    return [found[i] for i in ids]
+
+
+def read_prediction(path, fmt, size):
+    """A prediction PNG of trainIds or labelIds -> trainIds uint8 [H,W] (255 = void, which scores as a miss)."""
+    try:
+        ids = np.array(Image.open(path))
+    except (OSError, ValueError) as e:
+        raise carb.CarbError(f"cannot read prediction {path} ({e})") from None
+    if ids.ndim != 2:
+        raise carb.CarbError(f"{path} has {ids.shape[-1]} channels: --pred-dir takes single-channel {fmt} PNGs, "
+                             "not colour pictures")
+    if ids.shape != tuple(size):
+        raise carb.CarbError(f"{path} is {ids.shape[0]}x{ids.shape[1]} but its image is {size[0]}x{size[1]}: "
+                             "predict at the image's full resolution")
+    bad = ((ids < 0) | (ids >= ID_LIMIT[fmt])) & (ids != 255)
+    if bad.any():
+        other = {"trainid": "labelid", "labelid": "trainid"}[fmt]
+        raise carb.CarbError(f"{path} holds {ids[bad][0]}, not a {fmt} (0-{ID_LIMIT[fmt] - 1}, or 255 = void): "
+                             f"check the file, or pass --pred-format {other} if that is what it holds")
+    ids = torch.from_numpy(ids.astype(np.uint8))
+    return carb.LABEL_TO_TRAIN[ids.long()] if fmt == "labelid" else ids
+
+
+def clip_view(scorer, image, labels, scale, tiles):
+    """CLIP's pseudo-mask [H,W] of one image seen as tiles x tiles windows, each up-scaled by `scale`, stitched back:
+    the paper's Fig. 3 views -- (1, 1) original, (2, 1) resize x2, (1, 2) quarter crops, (2, 2) both."""
+    x = carb.normalize(image[None].float() / 255, carb.CLIP_MEAN, carb.CLIP_STD)
+    H, W = image.shape[-2:]
+    ys, xs = [round(H * k / tiles) for k in range(tiles + 1)], [round(W * k / tiles) for k in range(tiles + 1)]
+    mask = torch.empty(H, W, dtype=torch.long, device=image.device)
+    for top, bottom in zip(ys, ys[1:]):
+        for left, right in zip(xs, xs[1:]):
+            window = (top, left, bottom - top, right - left, scale)
+            mask[top:bottom, left:right] = carb.local_pseudo_mask(scorer, x, labels[None], window)[0]
+    return mask
+
+
+def save_prediction(mask, image_id, out_dir, formats):
+    """trainIds [H,W] -> OUT/ID_trainIds.png, ID_labelIds.png (void -> 0 "unlabeled") and/or ID_color.png."""
+    mask = mask.cpu()
+    for fmt in formats:
+        pixels = {"trainid": mask.to(torch.uint8), "labelid": carb.TRAIN_TO_LABEL[mask.long()],
+                  "color": carb.colorize(mask)}[fmt]
+        Image.fromarray(pixels.numpy()).save(os.path.join(out_dir, f"{image_id}_{SUFFIX[fmt]}.png"))
+
+
+def summarize(conf):
+    """Per-class IoU, mIoU and pixel accuracy (in percent, None where undefined) and the pixel counts behind them,
+    of one [C, C+1] confusion matrix (GT-ignored pixels are not in it)."""
+    iou, conf = carb.iou_from_confusion(conf), conf.cpu()
+    tp, labelled = conf.diagonal(), conf.sum().item()
+    number = lambda v: None if math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
+    return {"miou": number(carb.mean_iou(iou)), "pixel_accuracy": 100 * tp.sum().item() / max(labelled, 1),
+            "labelled_pixels": labelled,
+            "classes": {name: {"iou": number(100 * iou[c].item()), "gt_pixels": conf[c].sum().item(),
+                               "predicted_pixels": conf[:, c].sum().item(), "true_positives": tp[c].item()}
+                        for c, name in enumerate(carb.CLASS_NAMES)}}
+
+
+@torch.no_grad()
+def main(args):
+    if args.images:
+        images, gts = list_images(args.images), None
+    else:
+        root = args.data_root or carb.DEFAULTS[args.data]["data_root"]
+        images, gts = carb.list_split(root, args.split)
+        gts = None if args.split == "test" else gts  # Cityscapes' test labels are placeholders
+    check_args(args, gts is not None)
+    device = torch.device(args.device)
+    ids = [carb.image_id(p) for p in images]
+
+    model, ckpt_args = load_model(args.ckpt, device) if args.ckpt else (None, {})
+    # The columns: title -> f(image uint8 [3,H,W] on the device, GT's classes [C] or None, index) -> trainIds [H,W]
+    views = {}
+    if args.clip or (args.vis and gts):  # a picture shows CLIP's pseudo-mask (and so its score) where there is GT
+        args.clip_model = args.clip_model or ckpt_args.get("clip_model") or carb.DEFAULTS[args.data]["clip_model"]
+        scorer, _ = carb.build_scorer(args, device)
+        views["pseudo-mask"] = lambda image, labels, i: clip_view(scorer, image, labels, 1.0, 1)
+        if (args.clip_scale, args.clip_tiles) != (1, 1):
+            views[f"pseudo-mask x{args.clip_scale:g} {args.clip_tiles}x{args.clip_tiles}"] = \
+                lambda image, labels, i: clip_view(scorer, image, labels, args.clip_scale, args.clip_tiles)
+    if model is not None:
+        views["model"] = lambda image, labels, i: carb.predict(model, image[None])[0]
+        if args.flip or args.scales != [1.0]:  # reported beside the single-scale number, never instead of it
+            views["model TTA"] = lambda image, labels, i: carb.predict(model, image[None], args.scales, args.flip)[0]
+    if args.pred_dir:
+        pred_files = match_predictions(args.pred_dir, ids, args.split)
+        views["predictions"] = lambda image, labels, i: \
+            read_prediction(pred_files[i], args.pred_format, image.shape[-2:]).to(device)
+    saved = "model TTA" if "model TTA" in views else "model" if model is not None else "predictions"
+    formats = args.save_format or (["trainid", "color"] if args.images else ["labelid"])
+    for folder in (args.save_dir, args.vis):
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+
+    conf = {title: torch.zeros(C, C + 1, dtype=torch.long, device=device) for title in views}
+    loader = torch.utils.data.DataLoader(Frames(images, gts), batch_size=None, num_workers=args.workers)
+    for i, (image, gt) in enumerate(tqdm(loader, desc="images" if args.images else args.split)):
+        image = image.to(device)
+        gt = None if gt is None else gt.to(device)
+        labels = None if gt is None else carb.present_classes(gt, C)
+        masks = {title: view(image, labels, i) for title, view in views.items()}
+        if gt is not None:
+            for title, mask in masks.items():
+                conf[title] += carb.confusion_matrix(mask, gt, C)
+        if args.save_dir:
+            save_prediction(masks[saved], ids[i], args.save_dir, formats)
+        if args.vis:
+            carb.vis_strip(image, masks | ({} if gt is None else {"GT": gt})).save(
+                os.path.join(args.vis, ids[i] + ".png"))
+    for what, folder in (("predictions", args.save_dir), ("pictures", args.vis)):
+        if folder:
+            print(f"wrote {len(images)} images' {what} to {folder}")
+    if gts is None:
+        return None
+
+    results = {title: summarize(c) for title, c in conf.items()}
+    print(carb.format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, carb.CLASS_NAMES))
+    if args.data == "synthetic" and not args.images:
+        print("(synthetic stand-in data: these are not Cityscapes results)")
+    if "model TTA" in views:
+        print(f"model TTA: scales {' '.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
+    for title, r in results.items():
+        print(f"{title} mIoU: {r['miou']:.2f}")
+        print(f"{title} pixel accuracy: {r['pixel_accuracy']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"split": args.split, "images": len(images), "results": results}, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ independent route (numpy, a plain loop, CLIP's own forward pass), never by calli
 
     python -m pytest -q          # ~1-2 min on 2 CPU cores; writes only under pytest's tmp_path
 """
+import argparse
 import copy
+import json
 import math
 import os
 import re
@@ -17,9 +19,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 import carb
+import eval as evaluation  # eval.py
 
 with warnings.catch_warnings():  # the clip package imports pkg_resources, which warns on import
     warnings.simplefilter("ignore")
@@ -468,12 +472,92 @@ def test_confusion_matrix_matches_loop():
     gt = rng.integers(0, 5, (2, 6, 7))
     gt[rng.random(gt.shape) < 0.3] = 255
     pred = rng.integers(0, 5, (2, 6, 7))
-    expected = np.zeros((5, 5), np.int64)
+    pred[rng.random(pred.shape) < 0.2] = 255  # void predictions: the extra last column
+    expected = np.zeros((5, 6), np.int64)
     for g, p in zip(gt.ravel(), pred.ravel()):
         if g != 255:
-            expected[g, p] += 1
+            expected[g, min(p, 5)] += 1
     conf = carb.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt).to(torch.uint8), 5)
     np.testing.assert_array_equal(conf.numpy(), expected)
+
+
+def test_void_prediction_is_a_miss_and_no_false_positive():
+    # GT road road car car, prediction road void void car: road tp 1, fn 1; car tp 1, fn 1; nobody gets an fp
+    conf = carb.confusion_matrix(torch.tensor([0, 255, 255, 13]), torch.tensor([0, 0, 13, 13], dtype=torch.uint8), C)
+    assert conf.shape == (C, C + 1) and conf[:, C].sum() == 2
+    iou = carb.iou_from_confusion(conf)
+    assert iou[0].item() == 0.5 and iou[13].item() == 0.5
+    assert iou.isnan().sum() == C - 2
+    assert carb.mean_iou(iou) == 50.0
+
+
+def test_train_to_label_and_image_id():
+    known = {0: 7, 1: 8, 2: 11, 10: 23, 11: 24, 13: 26, 18: 33, 255: 0}  # from the Cityscapes label table; void -> 0
+    for train_id, label_id in known.items():
+        assert carb.TRAIN_TO_LABEL[train_id].item() == label_id
+    assert carb.image_id("/d/leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png") == \
+        "frankfurt_000000_000294"
+    assert carb.image_id("frames/dashcam 01.jpg") == "dashcam 01"
+
+
+class FixedLogits(nn.Module):
+    """A stand-in model: logits chosen by the input's height, whatever the pixels; it records the sizes it sees."""
+
+    def __init__(self, by_height):
+        super().__init__()
+        self.by_height, self.seen = by_height, []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        logits = torch.tensor(self.by_height[x.shape[-2]], dtype=torch.float32)  # [C, 1, W]
+        return F.interpolate(logits[None], size=x.shape[-2:], mode="nearest")
+
+
+def test_predict_flip_averages_softmax():
+    # one 1x2 image; logits (4, 0, 3.5) left and (0, 4, 3.5) right: class 0 left, 1 right. The mirrored view puts
+    # them the other way round, so each pixel averages both: softmax gives (0.313, 0.313, 0.373) -> class 2
+    model = FixedLogits({1: [[[4.0, 0.0]], [[0.0, 4.0]], [[3.5, 3.5]]]})
+    images = torch.zeros(1, 3, 1, 2, dtype=torch.uint8)
+    assert carb.predict(model, images).tolist() == [[[0, 1]]]
+    assert carb.predict(model, images, flip=True).tolist() == [[[2, 2]]]
+    assert model.seen == [(1, 2), (1, 2), (1, 2)]
+
+
+def test_predict_scales_resize_and_average():
+    # at full size the model says (3, 0, 2.5), at half size (0, 3, 2.5): averaged softmax (0.317, 0.317, 0.366)
+    model = FixedLogits({4: [[[3.0]], [[0.0]], [[2.5]]], 2: [[[0.0]], [[3.0]], [[2.5]]]})
+    out = carb.predict(model, torch.zeros(1, 3, 4, 6, dtype=torch.uint8), scales=(1.0, 0.5))
+    assert model.seen == [(4, 6), (2, 3)]
+    assert out.shape == (1, 4, 6) and (out == 2).all()
+
+
+# the Cityscapes palette, from the dataset's documentation (not from carb.PALETTE)
+ROAD, SKY, CAR, BUILDING, VOID = (128, 64, 128), (70, 130, 180), (0, 0, 142), (70, 70, 70), (0, 0, 0)
+
+
+def test_vis_strip_layout_and_palette():
+    image = torch.zeros(3, 32, 128, dtype=torch.uint8)
+    image[0, :, :64] = 200  # left half red
+    pred = torch.full((32, 128), 10)  # sky ...
+    pred[16:] = 0  # ... over road
+    pred[20:, 100:] = 255  # void corner
+    gt = torch.full((32, 128), 13)  # car
+    strip = carb.vis_strip(image, {"prediction": pred, "GT": gt})
+    # 3 panels of 128, a 16 px title band, 32 px of panels, one 16 px legend row (3 classes, 3 entries per row)
+    assert strip.size == (3 * 128, 16 + 32 + 16)
+    px = lambda x, y: strip.getpixel((x, y))  # noqa: E731
+    assert px(10, 16 + 5) == (200, 0, 0) and px(100, 16 + 5) == (0, 0, 0)  # the image
+    assert px(128 + 5, 16 + 2) == SKY and px(128 + 5, 16 + 30) == ROAD and px(128 + 120, 16 + 30) == VOID
+    assert px(256 + 64, 16 + 16) == CAR
+    assert px(128 + 120, 8) == (255, 255, 255)  # title band, away from the text
+    # legend, in trainId order: road (0), sky (10), car (13); swatch centres at x = 112 n + 8
+    assert [px(112 * n + 8, 16 + 32 + 8) for n in range(3)] == [ROAD, SKY, CAR]
+
+
+def test_vis_strip_shrinks_wide_images():
+    strip = carb.vis_strip(torch.zeros(3, 8, 2048, dtype=torch.uint8), {"GT": torch.full((8, 2048), 2)})
+    assert strip.size == (2 * 1024, 16 + 4 + 16)
+    assert strip.getpixel((1024 + 500, 16 + 2)) == BUILDING
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,7 +581,7 @@ def trained(tmp_path_factory, tiny_clip_path):
 
     first = train(base / "run", 4)
     shutil.rmtree(root / "gtFine" / "train")
-    return dict(base=base, root=root, home=home, run=base / "run", first=first, train=train)
+    return dict(base=base, root=root, home=home, run=base / "run", first=first, train=train, clip=tiny_clip_path)
 
 
 def test_train_cli_prints_both_mious_and_saves_checkpoint(trained):
@@ -513,12 +597,248 @@ def test_train_cli_prints_both_mious_and_saves_checkpoint(trained):
     assert len(ckpt["balancer"]["consistent"]) == 2  # CARB ran at iterations 2 and 3
 
 
+def test_training_writes_val_strips(trained):
+    # at each validation (iterations 2 and 4): image | CLIP pseudo-mask | prediction | GT for the 2 val images
+    for it in ("2", "4"):
+        vis = trained["run"] / "vis" / it
+        assert sorted(os.listdir(vis)) == ["x_000000_000000.png", "x_000000_000001.png"]
+        for name, (top, bottom) in [("x_000000_000000.png", (SKY, CAR)), ("x_000000_000001.png", (SKY, ROAD))]:
+            strip = Image.open(vis / name).convert("RGB")
+            assert strip.width == 4 * 128 and strip.height >= 16 + 64 + 16
+            assert strip.getpixel((3 * 128 + 60, 16 + 2)) == top and strip.getpixel((3 * 128 + 60, 16 + 62)) == bottom
+
+
 def test_eval_cli(trained):
     r = cli("eval.py", "--data", "cityscapes", "--data-root", trained["root"], "--ckpt", trained["run"] / "last.pth",
             "--device", "cpu", "--workers", 0, home=trained["home"])
     assert r.returncode == 0, r.stderr[-3000:]
-    found = re.findall(r"^mIoU: (\S+)$", r.stdout, re.M)
+    found = re.findall(r"^model mIoU: (\S+)$", r.stdout, re.M)
     assert len(found) == 1 and 0 <= float(found[0]) <= 100
+    assert re.search(r"^model pixel accuracy: \S+$", r.stdout, re.M)
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval.py's modes, in-process on tiny trees; numbers checked against the official Cityscapes evaluation
+# ---------------------------------------------------------------------------------------------------
+
+def run_eval(*args):
+    return evaluation.main(evaluation.get_args_parser().parse_args([str(a) for a in args]))
+
+
+def official_evaluation(pred_files, gt_files):
+    """cityscapesScripts' own pixel-level evaluation (a test-only requirement) of labelId PNGs: {class: IoU}, mean.
+    Its instance-level nIoU path is off: it needs *_instanceIds.png files and numpy's np.in1d (removed in 2.4)."""
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+    args = copy.copy(official.args)
+    args.evalInstLevelScore, args.evalPixelAccuracy, args.JSONOutput, args.quiet = False, False, False, True
+    result = official.evaluateImgLists([str(p) for p in pred_files], [str(g) for g in gt_files], args)
+    return result["classScores"], result["averageScoreClasses"]
+
+
+def assert_same_as_official(ours, scores, mean):
+    for name in carb.CLASS_NAMES:
+        if math.isnan(scores[name]):
+            assert ours["classes"][name]["iou"] is None, name
+        else:
+            assert ours["classes"][name]["iou"] == pytest.approx(100 * scores[name], abs=1e-9), name
+    assert ours["miou"] == pytest.approx(100 * mean, abs=1e-9)
+
+
+# labelIds of the GT and of the predictions; 0, 1, 4, 5, 9 are ignored in evaluation
+GT_IDS, PRED_IDS = [7, 8, 11, 23, 26, 0, 1, 4, 9], [7, 8, 11, 23, 24, 0, 5, 9]  # car never predicted, person never GT
+TO_TRAIN = {7: 0, 8: 1, 11: 2, 23: 10, 24: 11, 26: 13}  # labelId -> trainId, from the Cityscapes table; others void
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    """A val split of 3 images (32x64) and labelId predictions pred/pred_city_000000_00000N.png."""
+    rng = np.random.default_rng(0)
+    root, pred = tmp_path / "cs", tmp_path / "pred"
+    for folder in (root / "leftImg8bit" / "val" / "city", root / "gtFine" / "val" / "city", pred):
+        folder.mkdir(parents=True)
+    gts, preds = [], []
+    for n in range(3):
+        gt = rng.choice(GT_IDS, (32, 64)).astype(np.uint8)
+        p = np.where(rng.random((32, 64)) < 0.6, gt, rng.choice(PRED_IDS, (32, 64))).astype(np.uint8)
+        p[(p == 26) | (p == 1)] = 7
+        p[p == 4] = 0
+        Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(
+            root / "leftImg8bit" / "val" / "city" / f"city_000000_00000{n}_leftImg8bit.png")
+        gts.append(root / "gtFine" / "val" / "city" / f"city_000000_00000{n}_gtFine_labelIds.png")
+        preds.append(pred / f"pred_city_000000_00000{n}.png")
+        Image.fromarray(gt).save(gts[-1])
+        Image.fromarray(p).save(preds[-1])
+    return dict(root=root, pred=pred, gts=gts, preds=preds, tmp=tmp_path)
+
+
+def test_pred_dir_agrees_with_official_cityscapes_evaluation(labelled, capsys):
+    out = labelled["tmp"] / "result.json"
+    results = run_eval("--data", "cityscapes", "--data-root", labelled["root"], "--pred-dir", labelled["pred"],
+                       "--pred-format", "labelid", "--json", out, "--workers", 0)
+    ours = json.load(open(out))["results"]["predictions"]
+    assert ours == results["predictions"]
+    scores, mean = official_evaluation(labelled["preds"], labelled["gts"])
+    assert_same_as_official(ours, scores, mean)
+    classes = ours["classes"]
+    assert classes["person"]["iou"] == 0.0 and classes["car"]["iou"] == 0.0  # predicted only / GT only: 0, counted
+    assert classes["wall"]["iou"] is None  # in neither: left out of the mean
+    ious = [c["iou"] for c in classes.values() if c["iou"] is not None]
+    assert len(ious) == 6 and ours["miou"] == pytest.approx(sum(ious) / 6)
+    # counts and pixel accuracy by numpy, over the GT pixels of evaluated classes
+    gt = np.stack([np.array(Image.open(p)) for p in labelled["gts"]])
+    pred = np.stack([np.array(Image.open(p)) for p in labelled["preds"]])
+    scored = np.isin(gt, list(TO_TRAIN))
+    assert ours["labelled_pixels"] == scored.sum()
+    assert ours["pixel_accuracy"] == pytest.approx(100 * (scored & (pred == gt)).sum() / scored.sum())
+    assert classes["road"]["gt_pixels"] == (gt == 7).sum()
+    assert classes["road"]["predicted_pixels"] == (scored & (pred == 7)).sum()
+    assert classes["road"]["true_positives"] == ((gt == 7) & (pred == 7)).sum()
+    printed = capsys.readouterr().out
+    assert re.search(rf"^predictions mIoU: {ours['miou']:.2f}$", printed, re.M)
+    assert re.search(r"^person\s+0\.00$", printed, re.M) and not re.search(r"^wall", printed, re.M)
+
+
+def test_pred_dir_trainids_with_void_score_the_same(labelled):
+    # the same predictions as trainIds: ignored labelIds become void (255), which must still count as misses
+    trainid_dir = labelled["tmp"] / "trainids"
+    trainid_dir.mkdir()
+    lut = np.full(256, 255, np.uint8)
+    lut[list(TO_TRAIN)] = list(TO_TRAIN.values())
+    for p in labelled["preds"]:
+        Image.fromarray(lut[np.array(Image.open(p))]).save(trainid_dir / p.name)
+    ours = run_eval("--data", "cityscapes", "--data-root", labelled["root"], "--pred-dir", trainid_dir,
+                    "--pred-format", "trainid", "--workers", 0)["predictions"]
+    assert_same_as_official(ours, *official_evaluation(labelled["preds"], labelled["gts"]))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "1 of 3 images of --split val have no prediction in .* \\(first: city_000000_000001\\)"),
+    ("extra", "1 PNG\\(s\\) in .* are for no image .*first: .*notes.png"),
+    ("doubled", "two predictions for city_000000_000000"),
+    ("size", "pred_city_000000_000002.png is 16x64 but its image is 32x64"),
+    ("range", "pred_city_000000_000002.png holds 40, not a labelid .*--pred-format trainid"),
+    ("colour", "pred_city_000000_000002.png has 3 channels"),
+])
+def test_pred_dir_bad_input_names_the_culprit(labelled, case, message):
+    pred, last = labelled["pred"], labelled["preds"][2]
+    if case == "missing":
+        os.remove(labelled["preds"][1])
+    elif case == "extra":
+        Image.new("L", (64, 32)).save(pred / "notes.png")
+    elif case == "doubled":
+        (pred / "sub").mkdir()
+        shutil.copy(labelled["preds"][0], pred / "sub" / "city_000000_000000_color.png")
+    elif case == "size":
+        Image.new("L", (64, 16), 7).save(last)
+    elif case == "range":
+        Image.new("L", (64, 32), 40).save(last)
+    else:
+        Image.new("RGB", (64, 32)).save(last)
+    with pytest.raises(carb.CarbError, match=message):
+        run_eval("--data", "cityscapes", "--data-root", labelled["root"], "--pred-dir", pred, "--workers", 0)
+
+
+def test_pred_dir_error_is_one_line_exit_2(labelled, tmp_path):
+    os.remove(labelled["preds"][0])
+    r = cli("eval.py", "--data", "cityscapes", "--data-root", labelled["root"], "--pred-dir", labelled["pred"],
+            home=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert r.stderr.startswith("eval.py: error: --pred-dir: 1 of 3 images") and "city_000000_000000" in r.stderr
+
+
+def test_ckpt_and_saved_labelids_agree_with_official_evaluation(trained, tmp_path):
+    root, ckpt = trained["root"], trained["run"] / "last.pth"
+    single = run_eval("--data", "cityscapes", "--data-root", root, "--ckpt", ckpt, "--workers", 0,
+                      "--save-dir", tmp_path / "single")
+    gts = sorted((root / "gtFine" / "val" / "city").glob("*_labelIds.png"))
+    saved = sorted((tmp_path / "single").iterdir())
+    assert [p.name for p in saved] == ["x_000000_000000_labelIds.png", "x_000000_000001_labelIds.png"]
+    assert list(single) == ["model"]
+    assert_same_as_official(single["model"], *official_evaluation(saved, gts))
+    # test-time augmentation: a second column; the single-scale one is unchanged, the saved files are the TTA ones
+    tta = run_eval("--data", "cityscapes", "--data-root", root, "--ckpt", ckpt, "--workers", 0, "--flip",
+                   "--scales", 0.5, 1.0, "--save-dir", tmp_path / "tta")
+    assert list(tta) == ["model", "model TTA"] and tta["model"] == single["model"]
+    assert_same_as_official(tta["model TTA"], *official_evaluation(sorted((tmp_path / "tta").iterdir()), gts))
+
+
+def test_test_split_export_is_what_the_server_takes(trained, tmp_path, capsys):
+    root = tmp_path / "cs"
+    test_dir = root / "leftImg8bit" / "test" / "berlin"
+    test_dir.mkdir(parents=True)
+    for name in ("berlin_000000_000019", "berlin_000123_000019"):  # no gtFine/test at all
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(test_dir / f"{name}_leftImg8bit.png")
+    out = tmp_path / "submit"
+    assert run_eval("--data", "cityscapes", "--data-root", root, "--split", "test", "--ckpt",
+                    trained["run"] / "last.pth", "--save-dir", out, "--workers", 0) is None
+    assert sorted(os.listdir(out)) == ["berlin_000000_000019_labelIds.png", "berlin_000123_000019_labelIds.png"]
+    eval_label_ids = {c.id for c in carb.CITYSCAPES}
+    for name in os.listdir(out):
+        png = Image.open(out / name)
+        assert png.mode == "L" and png.size == (48, 32)
+        assert set(np.unique(np.array(png)).tolist()) <= eval_label_ids
+    assert "mIoU" not in capsys.readouterr().out
+
+
+def test_images_folder_gives_trainids_and_colors(trained, tmp_path, capsys):
+    frames, out = tmp_path / "frames", tmp_path / "out"
+    frames.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)).save(frames / "cam_a.jpg")
+    Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(frames / "cam_b.png")
+    (frames / "readme.txt").write_text("not an image")
+    run_eval("--images", frames, "--ckpt", trained["run"] / "last.pth", "--save-dir", out, "--workers", 0)
+    assert sorted(os.listdir(out)) == ["cam_a_color.png", "cam_a_trainIds.png", "cam_b_color.png",
+                                       "cam_b_trainIds.png"]
+    palette = {c.train_id: c.color for c in torchvision.datasets.Cityscapes.classes}
+    for stem, size in (("cam_a", (40, 72)), ("cam_b", (32, 64))):
+        ids, color = np.array(Image.open(out / f"{stem}_trainIds.png")), np.array(Image.open(out / f"{stem}_color.png"))
+        assert ids.shape == size and color.shape == (*size, 3) and ids.max() < C
+        for y, x in [(0, 0), (size[0] - 1, size[1] - 1), (10, 20)]:
+            assert tuple(color[y, x]) == palette[ids[y, x]]
+    assert "images: 100%" in capsys.readouterr().err  # the progress bar
+
+
+def test_clip_view_tiles_and_scale():
+    # a fake scorer: call k scores class k everywhere; it records its input sizes
+    seen = []
+
+    def scorer(x):
+        seen.append(tuple(x.shape[-2:]))
+        scores = torch.zeros(1, 4, x.shape[-2] // 16, x.shape[-1] // 16)
+        scores[:, len(seen) - 1] = 1
+        return scores
+
+    image = torch.zeros(3, 32, 64, dtype=torch.uint8)
+    mask = evaluation.clip_view(scorer, image, torch.tensor([1.0, 1.0, 0.0, 1.0]), 2.0, 2)
+    assert seen == [(32, 64)] * 4  # four 16x32 tiles, each up-scaled x2
+    # tiles in row order get classes 0, 1, 2, 3; class 2 is not a label of the image, so the first label (0) wins
+    assert (mask[:16, :32] == 0).all() and (mask[:16, 32:] == 1).all()
+    assert (mask[16:, :32] == 0).all() and (mask[16:, 32:] == 3).all()
+
+
+def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path):
+    root = trained["root"]
+    results = run_eval("--data", "cityscapes", "--data-root", root, "--clip", "--clip-scale", 2, "--clip-tiles", 2,
+                       "--clip-model", trained["clip"],
+                       "--cache-dir", tmp_path / "cache", "--workers", 0)
+    assert list(results) == ["pseudo-mask", "pseudo-mask x2 2x2"]
+    # the original view, by carb.py's own pseudo-mask evaluation (the route training's final table takes)
+    scorer, _ = carb.build_scorer(argparse.Namespace(clip_model=str(trained["clip"]), cache_dir=str(tmp_path / "c2")),
+                                  torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(root), "val")), batch_size=1)
+    expected = carb.mean_iou(carb.evaluate_pseudo_masks(scorer, loader, C, torch.device("cpu")))
+    assert results["pseudo-mask"]["miou"] == pytest.approx(expected)
+
+
+def test_vis_writes_one_strip_per_image(trained, tmp_path):
+    run_eval("--data", "cityscapes", "--data-root", trained["root"], "--ckpt", trained["run"] / "last.pth",
+             "--vis", tmp_path / "vis", "--cache-dir", tmp_path / "cache", "--workers", 0)
+    assert sorted(os.listdir(tmp_path / "vis")) == ["x_000000_000000.png", "x_000000_000001.png"]
+    strip = Image.open(tmp_path / "vis" / "x_000000_000000.png").convert("RGB")
+    assert strip.width == 4 * 128  # image | pseudo-mask | model | GT
+    assert strip.getpixel((3 * 128 + 5, 16 + 20)) == BUILDING and strip.getpixel((3 * 128 + 5, 16 + 40)) == ROAD
 
 
 def test_resume_continues_to_more_iterations(trained):
