@@ -71,6 +71,8 @@ def check_args(args, has_gt):
         raise carb.CarbError(f"{where} has no ground truth: pass --ckpt with --save-dir and/or --vis")
     if args.save_dir and not (args.ckpt or args.pred_dir):
         raise carb.CarbError("--save-dir writes predictions: pass --ckpt or --pred-dir")
+    if args.json and not has_gt:
+        raise carb.CarbError(f"--json writes scores, but {where} has no ground truth to score against")
     if args.save_format and not args.save_dir:
         raise carb.CarbError("--save-format needs --save-dir")
     if args.ckpt and not os.path.isfile(args.ckpt):
@@ -108,9 +110,9 @@ def match_predictions(pred_dir, ids, split):
     official script finds them. Missing, extra and doubled files are errors that name the first culprit."""
     if not os.path.isdir(pred_dir):
         raise carb.CarbError(f"--pred-dir {pred_dir} is not a folder")
-    found, extra = {}, []
+    found, extra, wanted = {}, [], set(ids)
     for path in sorted(glob(os.path.join(pred_dir, "**", "*.png"), recursive=True)):
-        hits = [m for m in CITYSCAPES_ID.findall(os.path.basename(path)) if m in ids]
+        hits = [m for m in CITYSCAPES_ID.findall(os.path.basename(path)) if m in wanted]
         if not hits:
             extra.append(path)
         elif hits[0] in found:
@@ -236,24 +238,23 @@ def main(args):
         if args.vis:
             carb.vis_strip(image, masks | ({} if gt is None else {"GT": gt})).save(
                 os.path.join(args.vis, ids[i] + ".png"))
+    results = None
+    if gts is not None:
+        results = {title: summarize(c) for title, c in conf.items()}
+        print(carb.format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, carb.CLASS_NAMES))
+        if args.data == "synthetic":
+            print("(synthetic stand-in data: these are not Cityscapes results)")
+        if "model TTA" in views:
+            print(f"model TTA: scales {' '.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
+        for title, r in results.items():  # mIoU is None only if no GT pixel of the split is labelled
+            print(f"{title} mIoU: {'-' if r['miou'] is None else format(r['miou'], '.2f')}")
+            print(f"{title} pixel accuracy: {r['pixel_accuracy']:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"split": args.split, "images": len(images), "results": results}, f, indent=1)
     for what, folder in (("predictions", args.save_dir), ("pictures", args.vis)):
         if folder:
             print(f"wrote {len(images)} images' {what} to {folder}")
-    if gts is None:
-        return None
-
-    results = {title: summarize(c) for title, c in conf.items()}
-    print(carb.format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, carb.CLASS_NAMES))
-    if args.data == "synthetic" and not args.images:
-        print("(synthetic stand-in data: these are not Cityscapes results)")
-    if "model TTA" in views:
-        print(f"model TTA: scales {' '.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
-    for title, r in results.items():
-        print(f"{title} mIoU: {r['miou']:.2f}")
-        print(f"{title} pixel accuracy: {r['pixel_accuracy']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"split": args.split, "images": len(images), "results": results}, f, indent=1)
     return results
 
 

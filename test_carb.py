@@ -32,6 +32,7 @@ with warnings.catch_warnings():  # the clip package imports pkg_resources, which
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 C = len(carb.CLASS_NAMES)
+torch.set_num_threads(1)  # tiny tensors: one thread is faster and does not oversubscribe the CPU next to other jobs
 
 
 # ---------------------------------------------------------------------------------------------------
