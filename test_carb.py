@@ -318,6 +318,36 @@ def test_sample_window_larger_than_crop_is_the_crop():
     assert (top, left, h, w, m) == (0, 0, 32, 64, 2.0)
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Model
+# ---------------------------------------------------------------------------------------------------
+
+def test_stride8_backbone_is_torchvisions_mobilenet_first_seven_blocks():
+    torch.manual_seed(0)
+    model = carb.Segmenter("mobilenet_v3_stride8", torch.randn(C, 24)).eval()
+    reference = torchvision.models.mobilenet_v3_large().features[:7].eval()  # the independent route
+    reference.load_state_dict(model.net.backbone.state_dict())  # strict: the same modules, names and shapes
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        feats = model.net.backbone(x)["out"]
+        assert feats.shape == (2, 40, 6, 10)  # stride 8, finer than CLIP's 16
+        assert torch.allclose(feats, reference(x), atol=1e-6)
+        assert model(x).shape == (2, C, 48, 80)
+
+
+def test_segmenter_logits_are_the_embedding_dot_text_classifier():
+    classifier = F.normalize(torch.randn(C, 24), dim=-1)
+    model = carb.Segmenter("mobilenet_v3_stride8", classifier).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        embedding = model.net.classifier(model.net.backbone(x)["out"])[0]  # [24, 4, 4]
+        logits = model(x)
+    by_hand = sum(classifier[:, d, None, None] * embedding[d] for d in range(24))  # [C, 4, 4]
+    expected = F.interpolate(by_hand[None], size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert "text_classifier" in dict(model.named_buffers()) and "text_classifier" not in dict(model.named_parameters())
+
 # ---------------------------------------------------------------------------------------------------
 # 5. CARB loss
 # ---------------------------------------------------------------------------------------------------
