@@ -4,7 +4,6 @@
     python eval.py --data synthetic --ckpt runs/synthetic/last.pth
 """
 import argparse
-import os
 import sys
 
 import torch
@@ -27,13 +26,9 @@ def get_args_parser():
 def main(args):
     device = torch.device(args.device)
     root = args.data_root or carb.DEFAULTS[args.data]["data_root"]
-    if not os.path.isfile(args.ckpt):
-        raise carb.CarbError(f"--ckpt {args.ckpt} not found: pass RUN/last.pth or RUN/best.pth of a carb.py run")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    state = ckpt["model"]
-    # The text classifier is a buffer of the model, so no CLIP is needed to evaluate.
-    model = carb.Segmenter(ckpt["args"]["backbone"], state["text_classifier"]).to(device)
-    model.load_state_dict(state)
+    # The text classifier is a buffer of the model, so no CLIP is needed to evaluate. Loaded with weights_only;
+    # a missing, truncated or foreign checkpoint (another class count or backbone) is a one-line error.
+    model = carb.segmenter_from_checkpoint(args.ckpt, "--ckpt").to(device)
     loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(root, args.split)), batch_size=1,
                                          num_workers=args.workers)
     iou = carb.evaluate(model, loader, len(carb.CLASS_NAMES), device, desc=args.split)
