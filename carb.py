@@ -1035,7 +1035,7 @@ def main(args):
         signal.signal(signum, handlers[signum])
 
     for s in (signal.SIGINT, signal.SIGTERM):
-        handlers[s] = signal.signal(s, request_stop)
+        handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", dynamic_ncols=True)
     try:
         for it in bar:

@@ -912,6 +912,8 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tmp_path, cap
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers are put back
 
+    with open(out / "log.csv", "a") as f:  # rows past the checkpoint, as a SIGKILL could leave: dropped on resume
+        f.write("3,0.1,9,9,9,9,9,0.5,0.5,\n4,0.1,9")
     command = shlex.split(re.search(r"to continue: (.*)", err).group(1))
     assert command[:2] == ["python", "carb.py"] and command[-1] == "--resume"
     carb.run(command[2:] + ["--workers", "1"])  # randomness is per (seed, iteration, sample): workers don't matter
