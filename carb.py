@@ -15,10 +15,16 @@ The file reads like the paper:
   7. main()
 """
 import argparse
+import csv
+import errno
+import functools
 import hashlib
 import math
+import multiprocessing
 import os
 import pickle
+import shlex
+import signal
 import sys
 import warnings
 from glob import glob
@@ -37,7 +43,29 @@ from tqdm import tqdm
 
 
 class CarbError(Exception):
-    """Bad input from the user: main() prints it as one line and exits with code 2."""
+    """Bad input from the user: run() prints it as one line and exits with code 2."""
+
+    def __str__(self):  # raised in a DataLoader worker, it comes back with the worker's traceback above its line
+        return super().__str__().rstrip().splitlines()[-1].split("CarbError: ", 1)[-1]
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`: at any instant
+    `path` is the complete old or the complete new file. A failed write (full disk) leaves `path` as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CarbError(f"cannot write {path} ({e.strerror or e}): free disk space, then run again "
+                            f"(with --resume for a run); {path} was left as it was") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,6 +81,8 @@ TRAIN_TO_LABEL = torch.zeros(256, dtype=torch.uint8)  # and back; void (255) -> 
 for _c in CITYSCAPES:
     LABEL_TO_TRAIN[_c.id] = _c.train_id
     TRAIN_TO_LABEL[_c.train_id] = _c.id
+# Valid values of a *_gtFine_labelIds.png: the labelIds 0..33, and 255 for -1 (licence plate) written as uint8.
+LABEL_IDS = sorted({c.id % 256 for c in torchvision.datasets.Cityscapes.classes})
 # The names CARB gives CLIP for those classes ("tree" for vegetation, "pedestrian" for person, ...).
 CLIP_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "tree",
               "grass", "sky", "pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
@@ -69,6 +99,8 @@ def normalize(images, mean, std):
 def list_split(root, split):
     """The image and labelIds files of one split, in the standard Cityscapes layout."""
     img_dir = os.path.join(root, "leftImg8bit", split)
+    if not os.path.isdir(root):
+        raise CarbError(f"--data-root {root} does not exist: pass the folder that holds leftImg8bit/ and gtFine/")
     if not os.path.isdir(img_dir):
         raise CarbError(f"{img_dir} not found: --data-root must hold leftImg8bit/{split}/CITY/*_leftImg8bit.png "
                         f"and gtFine/{split}/CITY/*_gtFine_labelIds.png")
@@ -89,34 +121,72 @@ def image_id(path):
 def read_image(path):
     """uint8 [3,H,W]."""
     try:
-        return decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+        data = torchvision.io.read_file(path)
     except (RuntimeError, OSError) as e:
-        raise CarbError(f"cannot read image {path} ({e}): re-extract or remove it") from None
+        raise CarbError(f"cannot read image {path} ({e}): check the file and its permissions") from None
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:  # torchvision's message names its C++ source; say what it means
+        raise CarbError(f"cannot decode image {path}: truncated or not a PNG/JPEG; re-extract or remove it") from None
 
 
 def read_train_ids(path):
     """A *_gtFine_labelIds.png -> uint8 [H,W] of trainIds (255 = ignore)."""
     try:
-        label_ids = torch.from_numpy(np.array(Image.open(path), dtype=np.uint8))
+        with Image.open(path) as f:
+            label_ids = np.array(f)
     except (OSError, ValueError) as e:
         raise CarbError(f"cannot read label {path} ({e}): re-extract or remove it") from None
-    return LABEL_TO_TRAIN[label_ids.long()]
+    if label_ids.ndim != 2:
+        raise CarbError(f"label {path} has {label_ids.shape[-1]} channels: a *_gtFine_labelIds.png is one channel "
+                        "of Cityscapes labelIds (a *_color.png or an image in its place?)")
+    bad = np.setdiff1d(np.unique(label_ids), LABEL_IDS) if label_ids.max() > 33 or label_ids.min() < 0 else []
+    if len(bad):
+        raise CarbError(f"label {path} holds values {bad[:5].tolist()} that are not Cityscapes labelIds 0-33 "
+                        "(trainIds or another dataset's labels?): convert it with cityscapesscripts' labelIds")
+    return LABEL_TO_TRAIN[torch.from_numpy(label_ids.astype(np.uint8)).long()]
 
 
-def image_level_labels(gt_paths, num_classes, cache_dir):
+def check_pairs(images, gts):
+    """Fail before training, not hours into it: every image has a label file of the same size. Reads only the
+    PNG headers (a truncated file is found when it is decoded, and named then)."""
+    missing = [g for g in gts if not os.path.isfile(g)]
+    if missing:
+        raise CarbError(f"{len(missing)} label files are missing, the first {missing[0]}: each "
+                        "leftImg8bit/SPLIT/CITY/X_leftImg8bit.png needs gtFine/SPLIT/CITY/X_gtFine_labelIds.png")
+    for img, gt in zip(images, gts):
+        sizes = []
+        for path in (img, gt):
+            try:
+                with Image.open(path) as f:
+                    sizes.append(f.size[::-1])
+            except (OSError, ValueError) as e:
+                raise CarbError(f"cannot read {path} ({e}): re-extract or remove it") from None
+        if sizes[0] != sizes[1]:
+            raise CarbError(f"{gt} is {sizes[1]} but its image {img} is {sizes[0]}: they must be the same size")
+
+
+def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None):
     """[N, C] uint8: which trainIds occur in each image. Computed once from the GT and cached; this is the only
-    thing training ever takes from the GT masks (the weak supervision of the paper)."""
+    thing training ever takes from the GT masks (the weak supervision of the paper). With `image_paths`, each
+    image is checked against its label file before the first computation."""
     key = hashlib.sha1("\n".join(os.path.abspath(p) for p in gt_paths).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"image_labels_{key}.pt")
     if os.path.isfile(cache):
-        return torch.load(cache, weights_only=True)
+        try:
+            labels = torch.load(cache, weights_only=True)
+            if isinstance(labels, torch.Tensor) and labels.shape == (len(gt_paths), num_classes):
+                return labels
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+            pass  # a damaged cache is recomputed
+    if image_paths is not None:
+        check_pairs(image_paths, gt_paths)
     labels = torch.zeros(len(gt_paths), num_classes, dtype=torch.uint8)
     for i, p in enumerate(tqdm(gt_paths, desc="image-level labels", leave=False)):
         present = read_train_ids(p).unique().long()
         labels[i, present[present < num_classes]] = 1
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save(labels, cache + ".tmp")
-    os.replace(cache + ".tmp", cache)
+    atomic_save(labels, cache)
     return labels
 
 
@@ -329,20 +399,38 @@ TEMPLATES = [
 
 
 def load_clip(name_or_path, device):
-    """clip.load with a clear error when the weights cannot be had (offline, typo, missing file)."""
+    """clip.load with a clear error when the weights cannot be had (offline, typo, missing or wrong file).
+    A local file is read here, never unpickled: OpenAI's TorchScript .pt, or a state dict (weights_only)."""
     with warnings.catch_warnings():  # the clip package imports pkg_resources, which warns on import
         warnings.simplefilter("ignore")
         import clip
-    if name_or_path not in clip.available_models() and not os.path.isfile(name_or_path):
+        import clip.model
+    if os.path.isfile(name_or_path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load's deprecation warning for the official .pt files
+                try:
+                    state = torch.jit.load(name_or_path, map_location="cpu").state_dict()
+                except RuntimeError:  # not TorchScript: a state dict
+                    state = torch.load(name_or_path, map_location="cpu", weights_only=True)
+            model = clip.model.build_model(state).to(device)  # as clip.load(jit=False) does
+        except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
+                pickle.UnpicklingError) as e:
+            raise CarbError(f"--clip-model {name_or_path}: not a CLIP checkpoint ({type(e).__name__}); pass OpenAI's "
+                            ".pt file (e.g. ~/.cache/clip/ViT-B-16.pt) or a CLIP state dict") from None
+        if str(device) == "cpu":
+            model.float()
+        return model.eval().requires_grad_(False)
+    if name_or_path not in clip.available_models():
         raise CarbError(f"--clip-model {name_or_path}: not a CLIP model name {clip.available_models()} "
                         "nor an existing file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation warning for the official .pt files
-            model, _ = clip.load(name_or_path, device=device, jit=False)
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(name_or_path, device=device, jit=False)  # downloads to ~/.cache/clip, checks SHA256
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # URLError is an OSError
-        raise CarbError(f"--clip-model {name_or_path}: cannot load ({e}); offline, download the .pt elsewhere "
-                        "and pass its path, e.g. --clip-model ~/.cache/clip/ViT-B-16.pt") from None
+        raise CarbError(f"--clip-model {name_or_path}: cannot download or load ({e}); offline, download the .pt "
+                        "elsewhere and pass its path, e.g. --clip-model ~/.cache/clip/ViT-B-16.pt") from None
     return model.eval().requires_grad_(False)
 
 
@@ -350,7 +438,10 @@ def load_clip(name_or_path, device):
 def text_classifier(clip_model, class_names, cache_file=None):
     """[C, D] CLIP text embeddings: each name in the 85 templates, L2-normalized, averaged, re-normalized."""
     if cache_file and os.path.isfile(cache_file):
-        return torch.load(cache_file, weights_only=True)
+        try:
+            return torch.load(cache_file, weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+            pass  # a damaged cache is recomputed
     import clip
     device = clip_model.token_embedding.weight.device
     rows = []
@@ -361,8 +452,7 @@ def text_classifier(clip_model, class_names, cache_file=None):
     classifier = torch.stack(rows).cpu()
     if cache_file:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        torch.save(classifier, cache_file + ".tmp")
-        os.replace(cache_file + ".tmp", cache_file)
+        atomic_save(classifier, cache_file)
     return classifier
 
 
@@ -609,13 +699,19 @@ def train_one_step(model, scorer, batch, window, carb_on, balancer, device):
         logits = model(seg_x)
     local_logits = logits[:, :, top:top + h, left:left + w]
 
+    with torch.no_grad():  # for the log (the paper's Fig. 5): R_c and R_i of the global view, as carb_loss draws them
+        prediction = logits.masked_fill(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
+        valid = global_mask != 255
+        n = max(valid.sum().item(), 1)
+        regions = {"consistent": (valid & (prediction == global_mask)).sum().item() / n,
+                   "inconsistent": (valid & (prediction != global_mask)).sum().item() / n}
     if not carb_on:  # warm-up: plain cross-entropy on both views
         loss_g, loss_l = masked_cross_entropy(logits, global_mask), masked_cross_entropy(local_logits, local_mask)
-        return loss_g + loss_l, {"global": loss_g.item(), "local": loss_l.item()}
+        return loss_g + loss_l, {"global": loss_g.item(), "local": loss_l.item()} | regions
     loss_g, ce_c, ce_i = carb_loss(logits, global_mask, image_labels, balancer)  # feeds the balancer
     loss_l, _, _ = carb_loss(local_logits, local_mask, image_labels, balancer.weight)
     return loss_g + loss_l, {"global": loss_g.item(), "local": loss_l.item(), "ce_c": ce_c.item(),
-                             "ce_i": ce_i.item(), "w": balancer.weight}
+                             "ce_i": ce_i.item(), "w": balancer.weight} | regions
 
 
 @torch.no_grad()
@@ -751,10 +847,71 @@ def format_table(columns, class_names):
     return "\n".join(lines)
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, then rename: `path` is always a whole checkpoint."""
-    torch.save(state, path + ".tmp")
+def load_checkpoint(path, flag):
+    """A carb.py checkpoint, loaded with weights_only=True (tensors and plain data; no code is unpickled)."""
+    if not os.path.isfile(path):
+        raise CarbError(f"{flag} {path} not found: pass RUN/last.pth or RUN/best.pth of a carb.py run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CarbError(f"{flag} {path} holds more than tensors and plain data: not a carb.py checkpoint") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CarbError(f"{flag} {path} cannot be read ({str(e).splitlines()[0]}): truncated or not a checkpoint; "
+                        "use the run's other checkpoint (last.pth / best.pth)") from None
+    if not (isinstance(ckpt, dict) and {"model", "iteration", "args"} <= ckpt.keys()
+            and isinstance(ckpt["model"], dict) and isinstance(ckpt["args"], dict)):
+        raise CarbError(f"{flag} {path} is not a carb.py checkpoint (no model, iteration and args)")
+    return ckpt
+
+
+def segmenter_from_checkpoint(path, flag="--ckpt"):
+    """(Segmenter, run args) of a checkpoint, built from its own --backbone; its text classifier is in its weights."""
+    ckpt = load_checkpoint(path, flag)
+    state, backbone = ckpt["model"], ckpt["args"].get("backbone")
+    classifier = state.get("text_classifier")
+    if classifier is None or classifier.ndim != 2 or classifier.shape[0] != len(CLASS_NAMES):
+        shape = None if classifier is None else list(classifier.shape)
+        raise CarbError(f"{flag} {path} has a text classifier of shape {shape}: carb evaluates the "
+                        f"{len(CLASS_NAMES)} Cityscapes classes, so it must be [{len(CLASS_NAMES)}, D]")
+    if backbone not in BACKBONES:
+        raise CarbError(f"{flag} {path} was trained with --backbone {backbone}, which this carb.py does not know "
+                        f"({', '.join(BACKBONES)})")
+    model = Segmenter(backbone, classifier)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CarbError(f"{flag} {path}: its weights do not fit a {backbone} Segmenter "
+                        f"({str(e).splitlines()[-1].strip()[:160]})") from None
+    return model, ckpt["args"]
+
+
+def weights_are_finite(model):
+    return all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def worker_signals(done, worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, and live through a SIGTERM sent to every process (as
+    SLURM does) so that the main process can finish its iteration and save; once `done` (an Event) is set, the
+    main process no longer needs them and a SIGTERM ends them (as multiprocessing's exit-time terminate())."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if done.is_set() else None)
+
+
+LOG_COLUMNS = ["iteration", "lr", "global", "local", "ce_c", "ce_i", "w", "consistent", "inconsistent", "val_miou"]
+
+
+def open_log(path, start):
+    """RUN/log.csv, one row per iteration, appended as training goes. Rows of iterations >= start are dropped
+    (they will run again), so a resumed run's log equals an uninterrupted one's. Returns (file, csv writer)."""
+    rows = []
+    if start and os.path.isfile(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) < start]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([LOG_COLUMNS] + rows)
     os.replace(path + ".tmp", path)
+    f = open(path, "a", newline="")
+    return f, csv.writer(f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -785,7 +942,7 @@ def get_args_parser():
     d = lambda key: "default: " + "; ".join(f"{n} {DEFAULTS[n][key]}" for n in DEFAULTS)  # noqa: E731
     p.add_argument("--data", choices=list(DEFAULTS), default="synthetic", help="dataset")
     p.add_argument("--data-root", help=d("data_root"))
-    p.add_argument("--out", help="run folder for last.pth, best.pth; " + d("out"))
+    p.add_argument("--out", help="run folder for last.pth, best.pth, log.csv; " + d("out"))
     p.add_argument("--iters", type=int, help=d("iters"))
     p.add_argument("--batch-size", type=int, help=d("batch_size"))
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help=d("crop"))
@@ -796,7 +953,8 @@ def get_args_parser():
                    help="window up-scaling m = RATE * U[0,1) + OFFSET; " + d("multiplier"))
     p.add_argument("--photometric", action=argparse.BooleanOptionalAction,
                    help="mmseg's PhotoMetricDistortion; " + d("photometric"))
-    p.add_argument("--carb-start", type=int, help="iteration at which CARB replaces plain CE; " + d("carb_start"))
+    p.add_argument("--carb-start", type=int, help="iteration at which CARB replaces plain CE, 0..ITERS "
+                   "(ITERS: never, plain CE throughout); " + d("carb_start"))
     p.add_argument("--region-weight", default="adaptive",
                    help="'adaptive' (RegionBalancer, coeff 1, window 5) or a fixed float, e.g. 0.03")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help=d("optimizer"))
@@ -812,7 +970,9 @@ def get_args_parser():
     p.add_argument("--workers", type=int, help=d("workers"))
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "carb"),
                    help="image-level labels and CLIP text embeddings are cached here")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pth (exactly: same losses and weights as without "
+                        "the interruption); pass the run's other arguments again")
     return p
 
 
@@ -825,20 +985,45 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    if args.iters < 1 or args.batch_size < 1 or args.val_every < 1:
-        raise CarbError("--iters, --batch-size and --val-every must be at least 1")
+    for flag, value, low in (("--iters", args.iters, 1), ("--batch-size", args.batch_size, 1),
+                             ("--val-every", args.val_every, 1), ("--workers", args.workers, 0),
+                             ("--carb-start", args.carb_start, 0)):
+        if value < low:
+            raise CarbError(f"{flag} {value}: must be at least {low}")
+    if args.carb_start > args.iters:
+        raise CarbError(f"--carb-start {args.carb_start} is beyond --iters {args.iters}: to train without CARB "
+                        f"(plain cross-entropy throughout) pass --carb-start {args.iters}")
     if min(args.crop) < 16 or min(args.window) < 16:
         raise CarbError("--crop and --window sides must be at least 16 (one CLIP patch)")
+    lo, hi = args.scale_range
+    if not 0 < lo <= hi:
+        raise CarbError(f"--scale-range {lo} {hi}: need 0 < LO <= HI")
+    # Crops are always padded (as the official pipeline's Pad), so there is no "padding off"; but a crop larger
+    # than the largest rescaled image would be padding on every sample, which is a mistake (e.g. H and W swapped).
+    largest = [round(hi * side) for side in args.base_size]
+    if args.crop[0] > largest[0] or args.crop[1] > largest[1]:
+        raise CarbError(f"--crop {args.crop[0]} {args.crop[1]} is larger than the largest rescaled image "
+                        f"{largest[0]} x {largest[1]} (--scale-range HI {hi} x base size {args.base_size[0]} x "
+                        f"{args.base_size[1]}): every crop would be mostly padding; pass a smaller --crop (H W)")
+    if args.multiplier[0] < 0 or args.multiplier[1] <= 0:
+        raise CarbError(f"--multiplier {args.multiplier[0]} {args.multiplier[1]}: need RATE >= 0 and OFFSET > 0")
+    if not args.lr > 0 or not 0 <= args.min_lr <= args.lr:
+        raise CarbError(f"--lr {args.lr} --min-lr {args.min_lr}: need 0 <= --min-lr <= --lr and --lr > 0")
     if args.region_weight != "adaptive":
         try:
-            float(args.region_weight)
+            weight = float(args.region_weight)
         except ValueError:
             raise CarbError(f"--region-weight {args.region_weight}: use 'adaptive' or a number") from None
+        if not weight >= 0:
+            raise CarbError(f"--region-weight {args.region_weight}: must be 'adaptive' or a number >= 0")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CarbError(f"--out {args.out} is a file: pass a folder")
-    if args.resume and not os.path.isfile(os.path.join(args.out, "last.pth")):
-        raise CarbError(f"--resume: {os.path.join(args.out, 'last.pth')} not found; "
-                        f"drop --resume to start a new run in {args.out}")
+    last = os.path.join(args.out, "last.pth")
+    if args.resume and not os.path.isfile(last):
+        raise CarbError(f"--resume: {last} not found; drop --resume to start a new run in {args.out}")
+    if not args.resume and os.path.isfile(last):  # a new run would overwrite it (and best.pth) at its first check
+        raise CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass "
+                        "another --out (or delete that folder) to start a new one")
 
 
 def build_scorer(args, device):
@@ -853,8 +1038,25 @@ def build_scorer(args, device):
     return (lambda images: maskclip_scores(clip_model, images, classifier)), classifier
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM during training, raised once the last finished iteration is saved."""
+
+    def __init__(self, signum, iteration, path):
+        super().__init__(signum, iteration, path)
+        self.signum, self.iteration, self.path = signum, iteration, path
+
+
 def main(args):
     check_args(args)
+    last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
+    ckpt = load_checkpoint(last, "--resume") if args.resume else None
+    if ckpt:  # before any work: a checkpoint that cannot continue this run
+        for key in ("backbone", "optimizer"):
+            if ckpt["args"].get(key) != getattr(args, key):
+                raise CarbError(f"--resume: {last} was trained with --{key} {ckpt['args'].get(key)}, not "
+                                f"{getattr(args, key)}: pass the run's own --{key}")
+        if ckpt["iteration"] > args.iters:
+            raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if args.data == "synthetic":
@@ -862,11 +1064,17 @@ def main(args):
     num_classes = len(CLASS_NAMES)
 
     train_images, train_gts = list_split(args.data_root, "train")
-    image_labels = image_level_labels(train_gts, num_classes, args.cache_dir)  # the only use of train GT
+    # the only use of the train GT (and the first use checks each image against its label file)
+    image_labels = image_level_labels(train_gts, num_classes, args.cache_dir, train_images)
     train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
                              args.photometric)
-    val_set = EvalSet(*list_split(args.data_root, "val"))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=args.workers)
+    val_images, val_gts = list_split(args.data_root, "val")
+    check_pairs(val_images, val_gts)  # now, not at the first validation
+    training_done = multiprocessing.Event()
+    worker_init = functools.partial(worker_signals, training_done)
+    val_set = EvalSet(val_images, val_gts)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=args.workers,
+                                             worker_init_fn=worker_init)
 
     scorer, classifier = build_scorer(args, device)
     model = Segmenter(args.backbone, classifier, args.backbone_weights).to(device)
@@ -879,54 +1087,102 @@ def main(args):
     balancer = RegionBalancer() if args.region_weight == "adaptive" else None
     region_weight = balancer if balancer else float(args.region_weight)
 
-    os.makedirs(args.out, exist_ok=True)
-    last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
-    start, best = 0, -1.0
-    if args.resume:
-        ckpt = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if balancer:
+    start, best, miou = 0, -1.0, None
+    if ckpt:
+        shape = tuple(ckpt["model"].get("text_classifier", torch.empty(0)).shape)
+        if shape != tuple(classifier.shape):
+            raise CarbError(f"--resume: {last} has a text classifier of shape {list(shape)}, this run's (--clip-model "
+                            f"{args.clip_model}) is {list(classifier.shape)}: pass the run's own --clip-model")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CarbError(f"--resume: {last} does not fit this run's model or optimizer "
+                            f"({str(e).splitlines()[-1].strip()[:160]})") from None
+        if balancer and ckpt.get("balancer"):
             balancer.load_state_dict(ckpt["balancer"])
-        torch.set_rng_state(ckpt["rng"])
-        start, best = ckpt["iteration"], ckpt["best_miou"]
+        start, best, miou = ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]
+    else:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise CarbError(f"--out {args.out}: cannot create it ({e.strerror}); pass a writable folder") from None
 
+    def save(path, done):
+        if not weights_are_finite(model):
+            raise CarbError(f"the weights became non-finite by iteration {done}; {path} was not overwritten: "
+                            "lower --lr")
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done,
+                     "balancer": balancer.state_dict() if balancer else None, "miou": miou,
+                     "best_miou": max(best, -1.0 if miou is None else miou), "args": vars(args)}, path)
+
+    log_file, log = open_log(os.path.join(args.out, "log.csv"), start)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, sampler=InfiniteSampler(len(train_set), args.seed, start * args.batch_size),
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        worker_init_fn=worker_init)
     batches = iter(loader)
     model.train()
-    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", dynamic_ncols=True)
-    for it in bar:
-        lr = poly_lr(it, args.iters, args.lr, args.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        window = sample_window(args.crop, args.window, *args.multiplier,
-                               torch.Generator().manual_seed(args.seed * 1_000_003 + it))
-        carb_on = it >= args.carb_start
-        weight = (balancer or region_weight) if carb_on else None
-        loss, logs = train_one_step(model, scorer, next(batches), window, carb_on, weight, device)
-        if not math.isfinite(loss.item()):
-            raise CarbError(f"non-finite loss at iteration {it}: {logs}; {last} was not overwritten")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if carb_on and not balancer:
-            logs["w"] = region_weight
-        bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()} | {"lr": f"{lr:.2e}"})
 
-        if (it + 1) % args.val_every == 0 or it + 1 == args.iters:
-            miou = mean_iou(evaluate(model, val_loader, num_classes, device))
-            tqdm.write(f"iter {it + 1}: val mIoU {miou:.2f}")
-            write_val_strips(model, scorer, val_set, os.path.join(args.out, "vis", str(it + 1)), device)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it + 1,
-                     "balancer": balancer.state_dict() if balancer else None, "rng": torch.get_rng_state(),
-                     "best_miou": max(best, miou), "miou": miou, "args": vars(args)}
-            save_checkpoint(state, last)
-            if miou > best:
-                best = miou
-                save_checkpoint(state, best_path)
-    bar.close()
+    # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual.
+    stop, handlers = [], {}
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, handlers[signum])
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
+    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", dynamic_ncols=True)
+    try:
+        for it in bar:
+            lr = poly_lr(it, args.iters, args.lr, args.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # All randomness of iteration `it` comes from (seed, it) -- the window, then the global RNG (dropout) --
+            # and the batch from (seed, sample number): a resumed run repeats the uninterrupted one, any --workers.
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+            window = sample_window(args.crop, args.window, *args.multiplier, g)
+            torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item())
+            carb_on = it >= args.carb_start
+            weight = (balancer or region_weight) if carb_on else None
+            loss, logs = train_one_step(model, scorer, next(batches), window, carb_on, weight, device)
+            if not math.isfinite(loss.item()):
+                terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                raise CarbError(f"non-finite loss at iteration {it} ({terms}); {last} was not overwritten: "
+                                "lower --lr, or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if carb_on and not balancer:
+                logs["w"] = region_weight
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "inconsistent"} | {"lr": f"{lr:.2e}"})
+
+            done = it + 1
+            validate = done % args.val_every == 0 or done == args.iters
+            if validate:
+                miou = mean_iou(evaluate(model, val_loader, num_classes, device))
+                tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
+                write_val_strips(model, scorer, val_set, os.path.join(args.out, "vis", str(done)), device)
+            log.writerow([it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate else ""])
+            log_file.flush()
+            if validate:
+                save(last, done)
+                if miou > best:
+                    best = miou
+                    save(best_path, done)
+            if stop:
+                if not validate:
+                    save(last, done)
+                bar.n = done  # the bar counts an iteration when the next one starts
+                bar.refresh()
+                raise Interrupted(stop[0], done, last)
+    finally:
+        training_done.set()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        log_file.close()
+        bar.close()
 
     # The paper's two numbers on the val split: CLIP's pseudo-masks and the trained model.
     pseudo_iou = evaluate_pseudo_masks(scorer, val_loader, num_classes, device)
@@ -940,11 +1196,27 @@ def main(args):
 
 
 def run(argv=None):
+    """The command line: bad input is one line on stderr and exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""
+    script = sys.argv[0] if argv is None else "carb.py"
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         main(parse_args(argv))
+        return
     except CarbError as e:
-        print(f"carb.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        message, code = f"carb.py: error: {e}", 2
+    except Interrupted as e:
+        command = shlex.join(["python", script, *[a for a in argv if a != "--resume"], "--resume"])
+        message = (f"carb.py: stopped by {signal.Signals(e.signum).name} after iteration {e.iteration}; saved "
+                   f"{e.path}\ncarb.py: to continue: {command}")
+        code = 128 + e.signum
+    except KeyboardInterrupt:  # outside the training loop (setup, final evaluation) or a second Ctrl-C
+        message, code = "carb.py: interrupted; the checkpoints in --out are as last saved", 128 + signal.SIGINT
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        message, code = f"carb.py: error: disk full ({e}): free space, then run again with --resume", 2
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

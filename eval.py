@@ -75,8 +75,6 @@ def check_args(args, has_gt):
         raise carb.CarbError(f"--json writes scores, but {where} has no ground truth to score against")
     if args.save_format and not args.save_dir:
         raise carb.CarbError("--save-format needs --save-dir")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        raise carb.CarbError(f"--ckpt {args.ckpt} not found: pass RUN/last.pth or RUN/best.pth of a carb.py run")
     if args.clip_tiles < 1 or args.clip_scale <= 0 or min(args.scales) <= 0:
         raise carb.CarbError("--clip-tiles must be at least 1, --clip-scale and --scales positive")
 
@@ -98,11 +96,10 @@ def list_images(folder):
 
 
 def load_model(path, device):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    # The text classifier is a buffer of the model, so no CLIP is needed to predict.
-    model = carb.Segmenter(ckpt["args"]["backbone"], ckpt["model"]["text_classifier"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["args"]
+    # The text classifier is a buffer of the model, so no CLIP is needed to predict. Loaded with weights_only;
+    # a missing, truncated or foreign checkpoint (another class count or backbone) is a one-line error.
+    model, ckpt_args = carb.segmenter_from_checkpoint(path, "--ckpt")
+    return model.to(device).eval(), ckpt_args
 
 
 def match_predictions(pred_dir, ids, split):
@@ -189,6 +186,8 @@ def summarize(conf):
 
 @torch.no_grad()
 def main(args):
+    device = torch.device(args.device)
+    model, ckpt_args = load_model(args.ckpt, device) if args.ckpt else (None, {})
     if args.images:
         images, gts = list_images(args.images), None
     else:
@@ -196,10 +195,7 @@ def main(args):
         images, gts = carb.list_split(root, args.split)
         gts = None if args.split == "test" else gts  # Cityscapes' test labels are placeholders
     check_args(args, gts is not None)
-    device = torch.device(args.device)
     ids = [carb.image_id(p) for p in images]
-
-    model, ckpt_args = load_model(args.ckpt, device) if args.ckpt else (None, {})
     # The columns: title -> f(image uint8 [3,H,W] on the device, GT's classes [C] or None, index) -> trainIds [H,W]
     views = {}
     if args.clip or (args.vis and gts):  # a picture shows CLIP's pseudo-mask (and so its score) where there is GT

@@ -5,13 +5,20 @@ independent route (numpy, a plain loop, CLIP's own forward pass), never by calli
 """
 import argparse
 import copy
+import csv
+import errno
+import importlib
 import json
 import math
 import os
+import pathlib
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -62,6 +69,15 @@ def write_tree(root, h=64, w=128):
                 img_dir / f"x_000000_00000{n}_leftImg8bit.png")
             Image.fromarray(lab).save(gt_dir / f"x_000000_00000{n}_gtFine_labelIds.png")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and runs in this process are then bit-for-bit repeatable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -604,15 +620,19 @@ def trained(tmp_path_factory, tiny_clip_path):
     home = base / "home"
     home.mkdir()
 
+    def argv(out, iters, *extra):
+        return ["--data", "cityscapes", "--data-root", root, "--out", out, "--iters", iters, "--batch-size", 2,
+                "--crop", 32, 64, "--window", 32, 16, "--carb-start", 2, "--val-every", 2, "--workers", 0,
+                "--backbone", "mobilenet_v3_large", "--backbone-weights", "none", "--clip-model", tiny_clip_path,
+                "--cache-dir", base / "cache", "--device", "cpu", *extra]
+
     def train(out, iters, *extra):
-        return cli("carb.py", "--data", "cityscapes", "--data-root", root, "--out", out, "--iters", iters,
-                   "--batch-size", 2, "--crop", 32, 64, "--window", 32, 16, "--carb-start", 2, "--val-every", 2,
-                   "--workers", 0, "--backbone", "mobilenet_v3_large", "--backbone-weights", "none",
-                   "--clip-model", tiny_clip_path, "--cache-dir", base / "cache", "--device", "cpu", *extra, home=home)
+        return cli("carb.py", *argv(out, iters, *extra), home=home)
 
     first = train(base / "run", 4)
     shutil.rmtree(root / "gtFine" / "train")
-    return dict(base=base, root=root, home=home, run=base / "run", first=first, train=train, clip=tiny_clip_path)
+    return dict(base=base, root=root, home=home, run=base / "run", first=first, train=train, argv=argv,
+                clip=tiny_clip_path)
 
 
 def test_train_cli_prints_both_mious_and_saves_checkpoint(trained):
@@ -941,3 +961,346 @@ def test_readme_loss_block_is_carb_section_5():
                                               torch.ones(1, 2), namespace["RegionBalancer"]())
     # all-zero logits: argmax picks class 0, so pixel 0 is consistent and pixel 1 not; both CEs are log 2
     assert math.isclose(ce_c.item(), math.log(2), rel_tol=1e-6) and math.isclose(ce_i.item(), math.log(2), rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reliability: interruption, exact resume, checkpoints that stay whole, one-line errors that damage nothing
+# ---------------------------------------------------------------------------------------------------
+
+def snapshot(*roots):
+    """{path: bytes} of every file under `roots` (files or folders): what a failed run must leave as it was."""
+    found = {}
+    for root in map(pathlib.Path, roots):
+        for p in [root] if root.is_file() else sorted(root.rglob("*")):
+            if p.is_file():
+                found[str(p)] = p.read_bytes()
+    return found
+
+
+def run_carb(capsys, *args):
+    """carb.run in this process (no interpreter start-up): (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        carb.run([str(a) for a in args])
+    return e.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, stderr, *culprits, prog="carb.py"):
+    """Exit 2, no traceback, exactly one error line, last on stderr (progress bars aside), naming the culprits."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in re.split(r"[\r\n]+", stderr) if line.strip()]
+    errors = [line for line in lines if line.startswith(f"{prog}: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    for culprit in culprits:
+        assert str(culprit) in errors[0], (culprit, errors[0])
+
+
+def small_argv(tree, tmp_path, *extra):
+    """A 2-iteration run on a tiny tree with the simulated CLIP (nothing to load; it needs 3 x 3 patches)."""
+    return ["--data", "cityscapes", "--data-root", tree, "--out", tmp_path / "run", "--iters", 2, "--batch-size", 2,
+            "--crop", 64, 128, "--window", 48, 48, "--carb-start", 1, "--val-every", 2, "--workers", 0,
+            "--backbone", "mobilenet_v3_large", "--backbone-weights", "none", "--clip-model", "simulated",
+            "--cache-dir", tmp_path / "cache", "--device", "cpu", *extra]
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def no_layout(tree):
+    shutil.rmtree(tree / "leftImg8bit")
+    return [tree / "leftImg8bit" / "train", "--data-root"]
+
+
+def empty_split(tree):
+    for p in (tree / "leftImg8bit" / "train" / "city").iterdir():
+        p.unlink()
+    return [tree / "leftImg8bit" / "train", "no"]
+
+
+def missing_labels(tree):
+    shutil.rmtree(tree / "gtFine" / "val")
+    return ["2 label files", tree / "gtFine" / "val" / "city" / "x_000000_000000_gtFine_labelIds.png"]
+
+
+def truncated_label(tree):
+    path = tree / "gtFine" / "train" / "city" / "x_000000_000001_gtFine_labelIds.png"
+    truncate(path)
+    return [path, "truncated"]
+
+
+def unreadable_image(tree):
+    path = tree / "leftImg8bit" / "val" / "city" / "x_000000_000001_leftImg8bit.png"
+    path.write_bytes(b"not a png")
+    return [path]
+
+
+def wrong_size_label(tree):
+    path = tree / "gtFine" / "val" / "city" / "x_000000_000001_gtFine_labelIds.png"
+    Image.fromarray(np.full((32, 64), 7, np.uint8)).save(path)
+    return [path, "(32, 64)", "(64, 128)"]
+
+
+def not_label_ids(tree):
+    path = tree / "gtFine" / "train" / "city" / "x_000000_000000_gtFine_labelIds.png"
+    label = np.array(Image.open(path))
+    label[0, :3] = 40  # not a Cityscapes labelId (0-33)
+    Image.fromarray(label).save(path)
+    return [path, "40", "labelIds"]
+
+
+@pytest.mark.parametrize("damage", [no_layout, empty_split, missing_labels, truncated_label, unreadable_image,
+                                    wrong_size_label, not_label_ids])
+def test_bad_data_is_a_one_line_error_naming_the_file(damage, tmp_path, capsys):
+    tree = write_tree(tmp_path / "cityscapes")
+    culprits = damage(tree)
+    before = snapshot(tree)
+    code, err = run_carb(capsys, *small_argv(tree, tmp_path))
+    assert_one_line_error(code, err, *culprits)
+    assert snapshot(tree) == before and not (tmp_path / "run").exists()
+
+
+def test_truncated_image_in_a_dataloader_worker_is_a_one_line_error(tmp_path):
+    """Found only when decoded, inside a worker process: still one line naming the file, no traceback."""
+    tree = write_tree(tmp_path / "cityscapes")
+    path = tree / "leftImg8bit" / "train" / "city" / "x_000000_000001_leftImg8bit.png"
+    truncate(path)
+    before = snapshot(tree)
+    r = cli("carb.py", *small_argv(tree, tmp_path, "--workers", 1), home=tmp_path)
+    assert_one_line_error(r.returncode, r.stderr, path, "truncated")
+    assert snapshot(tree) == before and not (tmp_path / "run" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--iters", 0], "--iters 0"),
+    (["--batch-size", -2], "--batch-size -2"),
+    (["--workers", -1], "--workers -1"),
+    (["--carb-start", 3], "--carb-start 2"),  # beyond --iters 2: the message says how to switch CARB off
+    (["--crop", 512, 1024, "--scale-range", 0.25, 0.25], "--crop 512 1024"),  # 0.25 x 1024x2048 is 256x512
+    (["--scale-range", 2, 1], "--scale-range"),
+])
+def test_nonsensical_numbers_are_one_line_errors(extra, culprit, tree, tmp_path, capsys):
+    code, err = run_carb(capsys, *small_argv(tree, tmp_path, *extra))
+    assert_one_line_error(code, err, culprit)
+    assert not (tmp_path / "run").exists()
+
+
+def test_carb_start_at_iters_trains_without_carb_and_logs_every_iteration(tree, tmp_path, capsys):
+    carb.run([str(a) for a in small_argv(tree, tmp_path, "--carb-start", 2)])
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["iteration"] for r in rows] == ["0", "1"]
+    assert all(r["ce_c"] == r["ce_i"] == r["w"] == "" for r in rows)  # plain CE throughout
+    for r in rows:
+        assert float(r["lr"]) > 0 and float(r["global"]) > 0 and float(r["local"]) > 0
+        assert float(r["consistent"]) + float(r["inconsistent"]) == pytest.approx(1)
+    assert rows[0]["val_miou"] == "" and 0 <= float(rows[1]["val_miou"]) <= 100
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tree, tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes")
+    argv = small_argv(tree, tmp_path)
+    argv[argv.index("--out") + 1] = out
+    code, err = run_carb(capsys, *argv)
+    assert_one_line_error(code, err, "--out", out)
+    assert out.read_text() == "my notes"
+
+
+def test_new_run_into_a_finished_run_is_refused(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    before = snapshot(out)
+    code, err = run_carb(capsys, *trained["argv"](out, 4))
+    assert_one_line_error(code, err, out, "--resume")
+    assert snapshot(out) == before
+
+
+def test_resume_with_another_backbone_is_a_one_line_error(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    before = snapshot(out)
+    code, err = run_carb(capsys, *trained["argv"](out, 6, "--resume", "--backbone", "resnet50"))
+    assert_one_line_error(code, err, out / "last.pth", "--backbone mobilenet_v3_large")
+    assert snapshot(out) == before
+
+
+class Evil:
+    """Unpickling this creates a file: proof that a loader did unpickle it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_clip_model_offline_says_how_to_pass_a_local_file(monkeypatch):
+    import urllib.error
+
+    def offline(url, root):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(clip.clip, "_download", offline)
+    with pytest.raises(carb.CarbError, match=r"--clip-model ViT-B/16: .*offline.*pass its path"):
+        carb.load_clip("ViT-B/16", "cpu")
+
+
+def test_clip_model_file_that_is_not_clip_is_named_and_not_unpickled(tmp_path):
+    """A pickle that would run code when loaded: refused by weights_only, and its code never runs."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "weights.pt"
+    torch.save({"x": Evil(marker)}, path)
+    with pytest.raises(carb.CarbError, match=re.escape(str(path))):
+        carb.load_clip(str(path), "cpu")
+    assert not marker.exists()
+
+
+def segmenter_checkpoint(path, classes=C, backbone="mobilenet_v3_large", saved_as="mobilenet_v3_large"):
+    """A checkpoint whose weights are a `backbone` Segmenter for `classes` classes, whose args say `saved_as`."""
+    model = carb.Segmenter(backbone, torch.randn(classes, 32))
+    torch.save({"model": model.state_dict(), "iteration": 1, "args": {"backbone": saved_as}}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["classes", "backbone", "pickle", "truncated", "missing"])
+def test_eval_ckpt_that_does_not_fit_is_a_one_line_error(kind, tmp_path):
+    ckpt = tmp_path / "last.pth"
+    culprits = [ckpt]
+    if kind == "classes":
+        segmenter_checkpoint(ckpt, classes=5)
+        culprits.append("[5, 32]")
+    elif kind == "backbone":  # mobilenet weights, but the args say resnet50
+        segmenter_checkpoint(ckpt, saved_as="resnet50")
+        culprits.append("resnet50")
+    elif kind == "pickle":
+        torch.save({"model": Evil(tmp_path / "pwned"), "iteration": 1, "args": {}}, ckpt)
+    elif kind == "truncated":
+        truncate(segmenter_checkpoint(ckpt))
+    before = snapshot(tmp_path)
+    argv = ["--data", "cityscapes", "--data-root", tmp_path, "--ckpt", ckpt, "--device", "cpu"]
+    if kind == "truncated":  # once through the command line: exit code and the one line
+        r = cli("eval.py", *argv, home=tmp_path)
+        assert_one_line_error(r.returncode, r.stderr, "--ckpt", *culprits, prog="eval.py")
+    else:
+        eval_py = importlib.import_module("eval")
+        with pytest.raises(carb.CarbError) as e:
+            eval_py.main(eval_py.get_args_parser().parse_args([str(a) for a in argv]))
+        assert all(str(c) in str(e.value) for c in ["--ckpt", *culprits]), str(e.value)
+    assert snapshot(tmp_path) == before  # nothing created (no pwned marker), nothing changed
+
+
+def test_damaged_cache_is_recomputed(tree, tmp_path):
+    _, gts = carb.list_split(str(tree), "train")
+    labels = carb.image_level_labels(gts, C, str(tmp_path / "cache"))
+    (cache,) = (tmp_path / "cache").iterdir()
+    truncate(cache)
+    assert torch.equal(carb.image_level_labels(gts, C, str(tmp_path / "cache")), labels)
+    assert torch.equal(torch.load(cache, weights_only=True), labels)  # and rewritten whole
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    before = snapshot(out / "last.pth", out / "best.pth")
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if getattr(f, "name", "").endswith("last.pth.tmp"):
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = run_carb(capsys, *trained["argv"](out, 6, "--resume"))
+    assert_one_line_error(code, err, out / "last.pth", "No space left on device", "free disk space")
+    assert snapshot(out / "last.pth", out / "best.pth") == before
+    assert not list(out.glob("*.tmp"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    before = snapshot(out / "last.pth", out / "best.pth")
+    real_step = carb.train_one_step
+
+    def diverging(*args):
+        loss, logs = real_step(*args)
+        return loss * float("nan"), dict(logs, ce_i=float("inf"))
+
+    monkeypatch.setattr(carb, "train_one_step", diverging)
+    code, err = run_carb(capsys, *trained["argv"](out, 6, "--resume"))
+    assert_one_line_error(code, err, "non-finite loss at iteration 4", "ce_i inf", "global", out / "last.pth")
+    assert snapshot(out / "last.pth", out / "best.pth") == before
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tmp_path, capsys, monkeypatch):
+    """A real SIGTERM during iteration 2 of 5 (sent from inside train_one_step, so always at the same point):
+    exit 143, last.pth of iteration 3, and the printed resume command -- run with another --workers -- ends with
+    the same log.csv (every loss, w, region fraction, val mIoU) and the same weights as the uninterrupted run."""
+    def argv(out, *extra):
+        return [str(a) for a in trained["argv"](out, 5, "--val-every", 2, *extra)]
+
+    carb.run(argv(tmp_path / "straight"))
+    capsys.readouterr()
+
+    real_step, calls = carb.train_one_step, []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+
+    monkeypatch.setattr(carb, "train_one_step", interrupted_step)
+    out = tmp_path / "resumed"
+    with pytest.raises(SystemExit) as e:
+        carb.run(argv(out))
+    assert e.value.code == 143
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM after iteration 3; saved {out / 'last.pth'}" in err
+    assert torch.load(out / "last.pth", weights_only=True)["iteration"] == 3
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers are put back
+
+    with open(out / "log.csv", "a") as f:  # rows past the checkpoint, as a SIGKILL could leave: dropped on resume
+        f.write("3,0.1,9,9,9,9,9,0.5,0.5,\n4,0.1,9")
+    command = shlex.split(re.search(r"to continue: (.*)", err).group(1))
+    assert command[:2] == ["python", "carb.py"] and command[-1] == "--resume"
+    carb.run(command[2:] + ["--workers", "1"])  # randomness is per (seed, iteration, sample): workers don't matter
+
+    assert (out / "log.csv").read_text() == (tmp_path / "straight" / "log.csv").read_text()
+    a = torch.load(out / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 5 and a["balancer"] == b["balancer"]
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in y)
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(trained, tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group, DataLoader worker included."""
+    out = tmp_path / "run"
+    argv = [str(a) for a in trained["argv"](out, 500, "--val-every", 500, "--workers", 1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HOME=str(trained["home"]))
+    p = subprocess.Popen([sys.executable, "carb.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "log.csv").exists() and len((out / "log.csv").read_text().splitlines()) >= 2):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.01)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    done = torch.load(out / "last.pth", weights_only=True)["iteration"]
+    assert 1 <= done < 500
+    assert len((out / "log.csv").read_text().splitlines()) == 1 + done  # header + one row per saved iteration
+    assert f"stopped by SIGINT after iteration {done}; saved {out / 'last.pth'}" in err
+    assert re.search(r"to continue: python carb.py .*--out " + re.escape(str(out)) + r" .*--resume$", err, re.M)
