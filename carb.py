@@ -678,8 +678,9 @@ def poly_lr(it, iters, base_lr, min_lr, power=0.9):
     return (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
 
 
-def train_one_step(model, scorer, batch, window, carb_on, balancer, device):
-    """One CARB iteration (forward and loss). Returns the loss and the terms to log."""
+def train_one_step(model, scorer, batch, window, carb_on, region_weight, device):
+    """One CARB iteration (forward and loss). Returns the loss and the terms to log. `region_weight` is a
+    RegionBalancer or a float; `window` None trains the global view only (the ablation's --no-local-view)."""
     images, image_labels, valid_hw = (t.to(device, non_blocking=True) for t in batch)
     x = images.float() / 255
     rows, cols = torch.arange(x.shape[-2], device=device), torch.arange(x.shape[-1], device=device)
@@ -688,30 +689,37 @@ def train_one_step(model, scorer, batch, window, carb_on, balancer, device):
     # pseudo-masks: CLIP on the whole crop (global) and on the up-scaled window (local)
     clip_x = normalize(x, CLIP_MEAN, CLIP_STD)
     global_mask = pseudo_mask(scorer(clip_x), image_labels, x.shape[-2:]).masked_fill(padded, 255)
-    top, left, h, w, _ = window
-    local_mask = local_pseudo_mask(scorer, clip_x, image_labels, window)
-    local_mask = local_mask.masked_fill(padded[:, top:top + h, left:left + w], 255)
+    if window is not None:
+        top, left, h, w, _ = window
+        local_mask = local_pseudo_mask(scorer, clip_x, image_labels, window)
+        local_mask = local_mask.masked_fill(padded[:, top:top + h, left:left + w], 255)
 
     seg_x = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     if device.type == "cuda":
         seg_x = seg_x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(seg_x)
-    local_logits = logits[:, :, top:top + h, left:left + w]
 
     with torch.no_grad():  # for the log (the paper's Fig. 5): R_c and R_i of the global view, as carb_loss draws them
         prediction = logits.masked_fill(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
         valid = global_mask != 255
         n = max(valid.sum().item(), 1)
-        regions = {"consistent": (valid & (prediction == global_mask)).sum().item() / n,
-                   "inconsistent": (valid & (prediction != global_mask)).sum().item() / n}
-    if not carb_on:  # warm-up: plain cross-entropy on both views
-        loss_g, loss_l = masked_cross_entropy(logits, global_mask), masked_cross_entropy(local_logits, local_mask)
-        return loss_g + loss_l, {"global": loss_g.item(), "local": loss_l.item()} | regions
-    loss_g, ce_c, ce_i = carb_loss(logits, global_mask, image_labels, balancer)  # feeds the balancer
-    loss_l, _, _ = carb_loss(local_logits, local_mask, image_labels, balancer.weight)
-    return loss_g + loss_l, {"global": loss_g.item(), "local": loss_l.item(), "ce_c": ce_c.item(),
-                             "ce_i": ce_i.item(), "w": balancer.weight} | regions
+        logs = {"consistent": (valid & (prediction == global_mask)).sum().item() / n,
+                "inconsistent": (valid & (prediction != global_mask)).sum().item() / n}
+    if carb_on:
+        loss, ce_c, ce_i = carb_loss(logits, global_mask, image_labels, region_weight)  # feeds a balancer
+        weight = region_weight.weight if isinstance(region_weight, RegionBalancer) else region_weight
+        logs |= {"ce_c": ce_c.item(), "ce_i": ce_i.item(), "w": weight}
+    else:  # warm-up: plain cross-entropy
+        loss = masked_cross_entropy(logits, global_mask)
+    logs["global"] = loss.item()
+    if window is not None:  # the window's logits also learn from the local mask, with the same region weight
+        local_logits = logits[:, :, top:top + h, left:left + w]
+        loss_l = (carb_loss(local_logits, local_mask, image_labels, weight)[0] if carb_on
+                  else masked_cross_entropy(local_logits, local_mask))
+        logs["local"] = loss_l.item()
+        loss = loss + loss_l
+    return loss, logs
 
 
 @torch.no_grad()
@@ -957,6 +965,10 @@ def get_args_parser():
                    "(ITERS: never, plain CE throughout); " + d("carb_start"))
     p.add_argument("--region-weight", default="adaptive",
                    help="'adaptive' (RegionBalancer, coeff 1, window 5) or a fixed float, e.g. 0.03")
+    p.add_argument("--no-local-view", action="store_true",
+                   help="train on the global view only (no Global-Local View Training; an ablation variant)")
+    p.add_argument("--ablation", action="store_true",
+                   help="run the paper's component ablation: the variants of ABLATION x 3 seeds, then one table")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help=d("optimizer"))
     p.add_argument("--lr", type=float, help=d("lr"))
     p.add_argument("--min-lr", type=float, help=d("min_lr"))
@@ -1142,11 +1154,11 @@ def main(args):
             # All randomness of iteration `it` comes from (seed, it) -- the window, then the global RNG (dropout) --
             # and the batch from (seed, sample number): a resumed run repeats the uninterrupted one, any --workers.
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            window = sample_window(args.crop, args.window, *args.multiplier, g)
-            torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item())
+            window = sample_window(args.crop, args.window, *args.multiplier, g)  # drawn even if unused: the
+            torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item())  # ablation variants share randomness
             carb_on = it >= args.carb_start
-            weight = (balancer or region_weight) if carb_on else None
-            loss, logs = train_one_step(model, scorer, next(batches), window, carb_on, weight, device)
+            loss, logs = train_one_step(model, scorer, next(batches), None if args.no_local_view else window,
+                                        carb_on, balancer or region_weight, device)
             if not math.isfinite(loss.item()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
                 raise CarbError(f"non-finite loss at iteration {it} ({terms}); {last} was not overwritten: "
@@ -1154,8 +1166,6 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if carb_on and not balancer:
-                logs["w"] = region_weight
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "inconsistent"} | {"lr": f"{lr:.2e}"})
 
             done = it + 1
@@ -1192,7 +1202,49 @@ def main(args):
         print("(synthetic stand-in data and a simulated CLIP: these are not Cityscapes results)")
     print(f"pseudo-mask mIoU: {mean_iou(pseudo_iou):.2f}")
     print(f"model mIoU: {mean_iou(model_iou):.2f}")
-    return model_iou
+    return pseudo_iou, model_iou
+
+
+# The paper's component ablation (its Table 3), each variant a flag combination of the normal command line.
+ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"]),
+            ("(b) + Global-Local View", ["--carb-start", "ITERS"]),
+            ("(c) + CARB", ["--no-local-view"]),
+            ("(d) GLV + CARB (carb.py)", []),
+            ("(e) (d), fixed w = 0.03", ["--region-weight", "0.03"])]
+ABLATION_SEEDS = (0, 1, 2)
+ABLATION_ITERS = {"synthetic": 150}  # per run, so that 5 variants x 3 seeds fit in 20 minutes on 2 CPU cores
+
+
+def ablation(argv):
+    """Train every ABLATION variant with each seed (same budget) via main(), then print the comparison."""
+    given, args = get_args_parser().parse_args(argv), parse_args(argv)  # what the user set; with the defaults
+    if args.resume:
+        raise CarbError("--ablation starts its runs afresh: drop --resume (delete the ablation folder to re-run)")
+    iters = given.iters or ABLATION_ITERS.get(args.data, args.iters)
+    carb_start = given.carb_start if given.carb_start is not None else round(iters * 16000 / 30000)  # official ratio
+    base = [a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every", str(iters)]
+    small = [CLASS_NAMES.index(c) for c in ("traffic light", "traffic sign", "pole")]
+    results = {}  # (variant, seed) -> [mIoU, small-class IoUs...]
+    for seed in ABLATION_SEEDS:
+        for i, (name, flags) in enumerate(ABLATION):
+            flags = [str(iters) if f == "ITERS" else f for f in flags]
+            out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
+            print(f"\n=== ablation {name}, seed {seed}: carb.py {shlex.join(flags)} --out {out}", flush=True)
+            pseudo, model = main(parse_args(base + ["--carb-start", str(carb_start)] + flags
+                                            + ["--seed", str(seed), "--out", out]))
+            results[name, seed] = [mean_iou(model)] + [100 * model[c].item() for c in small]
+    columns = ["mIoU"] + [f"IoU {CLASS_NAMES[c]}" for c in small]
+    print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; "
+          f"pseudo-mask mIoU (reference) {mean_iou(pseudo):.2f}")
+    print(f"{'seed 0':<26}" + "".join(f"{c:>20}" for c in columns))
+    for name, _ in ABLATION:
+        print(f"{name:<26}" + "".join(f"{v:>20.2f}" for v in results[name, 0]))
+    print(f"{'mean ± std, seeds ' + ' '.join(map(str, ABLATION_SEEDS)):<26}" + "".join(f"{c:>20}" for c in columns))
+    for name, _ in ABLATION:
+        runs = torch.tensor([results[name, s] for s in ABLATION_SEEDS])
+        mean, std = runs.mean(0), runs.std(0)  # std over seeds (n - 1)
+        print(f"{name:<26}" + "".join(f"{f'{m:.2f} ± {d:.2f}':>20}" for m, d in zip(mean.tolist(), std.tolist())))
+    return results
 
 
 def run(argv=None):
@@ -1200,7 +1252,8 @@ def run(argv=None):
     script = sys.argv[0] if argv is None else "carb.py"
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        main(parse_args(argv))
+        args = parse_args(argv)
+        ablation(argv) if args.ablation else main(args)
         return
     except CarbError as e:
         message, code = f"carb.py: error: {e}", 2

@@ -498,7 +498,69 @@ def test_masked_cross_entropy_all_ignored_is_zero():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. Evaluation
+# 6. Training step: the two views, and the ablation's variants of it
+# ---------------------------------------------------------------------------------------------------
+
+def step_setup():
+    """A fixed batch, a scorer that records the sizes it sees, and a 1x1-conv 'model'."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+    labels = torch.zeros(2, C)
+    labels[:, [0, 2, 10, 13]] = 1
+    batch = (images, labels, torch.tensor([[32, 64], [32, 64]]))
+    projection = torch.randn(C, 3, 1, 1)
+    seen = []
+
+    def scorer(x):
+        seen.append(tuple(x.shape[-2:]))
+        return F.conv2d(F.avg_pool2d(x, 16), projection)
+
+    return batch, scorer, seen, nn.Conv2d(3, C, 1)
+
+
+def by_hand_ce(logits, mask, labels, weight=None):
+    """Mean CE over the non-ignored pixels; with a weight: CE(consistent) + weight * CE(inconsistent)."""
+    ce = F.cross_entropy(logits, mask, ignore_index=255, reduction="none")
+    valid = mask != 255
+    if weight is None:
+        return ce[valid].mean()
+    prediction = torch.where(labels[:, :, None, None] > 0, logits, torch.tensor(-1e9)).argmax(1)
+    agree = valid & (prediction == mask)
+    return ce[agree].mean() + weight * ce[valid & ~agree].mean()
+
+
+@pytest.mark.parametrize("carb_on", [False, True])
+def test_train_one_step_global_and_local_views(carb_on):
+    batch, scorer, seen, model = step_setup()
+    window = (8, 16, 16, 32, 1.5)  # top, left, h, w, m
+    loss, logs = carb.train_one_step(model, scorer, batch, window, carb_on, 0.03, torch.device("cpu"))
+    assert seen == [(32, 64), (24, 48)]  # CLIP on the crop, then on the window up-scaled x1.5
+    x = batch[0].float() / 255
+    clip_x = carb.normalize(x, carb.CLIP_MEAN, carb.CLIP_STD)
+    logits = model(carb.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
+    global_mask = carb.pseudo_mask(scorer(clip_x), batch[1], (32, 64))
+    local_clip = F.interpolate(clip_x[:, :, 8:24, 16:48], size=(24, 48), mode="bilinear", align_corners=False)
+    local_mask = carb.pseudo_mask(scorer(local_clip), batch[1], (16, 32))
+    weight = 0.03 if carb_on else None
+    expected = (by_hand_ce(logits, global_mask, batch[1], weight)
+                + by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, batch[1], weight))
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert ("w" in logs) == carb_on and logs.get("w", 0.03) == 0.03
+
+
+def test_train_one_step_without_local_view_is_global_only():
+    batch, scorer, seen, model = step_setup()
+    loss, logs = carb.train_one_step(model, scorer, batch, None, True, 0.5, torch.device("cpu"))
+    assert seen == [(32, 64)]  # no second CLIP pass
+    x = batch[0].float() / 255
+    logits = model(carb.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
+    global_mask = carb.pseudo_mask(scorer(carb.normalize(x, carb.CLIP_MEAN, carb.CLIP_STD)), batch[1], (32, 64))
+    assert torch.allclose(loss, by_hand_ce(logits, global_mask, batch[1], 0.5), atol=1e-5)
+    assert "local" not in logs and logs["w"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6b. Evaluation
 # ---------------------------------------------------------------------------------------------------
 
 def test_iou_from_confusion_and_mean_iou():
@@ -1304,3 +1366,24 @@ def test_ctrl_c_saves_and_says_how_to_resume(trained, tmp_path):
     assert len((out / "log.csv").read_text().splitlines()) == 1 + done  # header + one row per saved iteration
     assert f"stopped by SIGINT after iteration {done}; saved {out / 'last.pth'}" in err
     assert re.search(r"to continue: python carb.py .*--out " + re.escape(str(out)) + r" .*--resume$", err, re.M)
+
+
+def test_ablation_runs_each_variant_through_the_normal_cli(trained, capsys, monkeypatch):
+    monkeypatch.setattr(carb, "ABLATION_SEEDS", (0, 1))
+    out = trained["base"] / "abl"
+    argv = [str(a) for a in trained["argv"](out, 4, "--backbone", "mobilenet_v3_stride8", "--ablation")]
+    results = carb.ablation(argv)
+    printed = capsys.readouterr().out
+    for v, seed in [(v, s) for v in "abcde" for s in (0, 1)]:
+        rows = list(csv.DictReader(open(f"{out}_ablation/{v}_seed{seed}/log.csv")))
+        assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3]
+        carb_rows = [r for r in rows if r["ce_c"]]  # --carb-start 2 from the tiny run's argv, ITERS for (a), (b)
+        assert [int(r["iteration"]) for r in carb_rows] == ([] if v in "ab" else [2, 3])
+        assert all(bool(r["local"]) == (v not in "ac") for r in rows)  # --no-local-view for (a), (c)
+        assert all((float(r["w"]) == 0.03) == (v == "e") for r in carb_rows)  # (e): fixed weight, else adaptive
+    assert results[carb.ABLATION[3][0], 0] != results[carb.ABLATION[3][0], 1]  # the seeds differ
+    for name, _ in carb.ABLATION:  # the mean ± std rows (sample std of two numbers: |a - b| / sqrt 2)
+        m0, m1 = results[name, 0][0], results[name, 1][0]
+        mean, std = (m0 + m1) / 2, abs(m0 - m1) / math.sqrt(2)
+        assert re.search(rf"^{re.escape(name)} +{mean:.2f} ± {std:.2f} ", printed, re.M), printed
+        assert re.search(rf"^{re.escape(name)} +{m0:.2f} ", printed, re.M)
