@@ -4,6 +4,7 @@ Kim, Lee, Choe, Shim, AAAI 2024 (arXiv 2312.13646); official code: github.com/k0
 
     python carb.py --data synthetic                                  # offline, CPU, a few minutes
     python carb.py --data cityscapes --data-root data/cityscapes     # the paper's setting, one GPU
+    python carb.py --data camvid --data-root data/camvid             # or wilddash2 (README: CamVid and WildDash2)
 
 The file reads like the paper:
   1. Data           image + image-level labels only (the GT masks are read once, to list the classes present)
@@ -15,10 +16,12 @@ The file reads like the paper:
   7. main()
 """
 import argparse
+import collections
 import csv
 import errno
 import functools
 import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -69,7 +72,7 @@ def atomic_save(obj, path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1. Data -- Cityscapes layout, image-level labels only
+# 1. Data -- Cityscapes, CamVid, WildDash2; image-level labels only
 # ---------------------------------------------------------------------------------------------------
 
 # The 19 evaluation classes and the labelId -> trainId map, from the table torchvision ships.
@@ -87,6 +90,49 @@ LABEL_IDS = sorted({c.id % 256 for c in torchvision.datasets.Cityscapes.classes}
 CLIP_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "tree",
               "grass", "sky", "pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
 
+
+def class_indices(num_classes):
+    """The label -> train index table of label files that hold the class index itself (0..C-1, 255 = ignore)."""
+    lut = torch.full((256,), 255, dtype=torch.uint8)
+    lut[:num_classes] = torch.arange(num_classes, dtype=torch.uint8)
+    return lut
+
+
+# One class table and folder layout per dataset; everything else is shared. `images` and `labels` are globs under
+# --data-root with the same wildcards: an image's label file is the label glob with the image's own matches.
+Dataset = collections.namedtuple("Dataset", "classes clip_names palette images labels label_values to_train "
+                                            "label_desc")
+DATASETS = {
+    "cityscapes": Dataset(CLASS_NAMES, CLIP_NAMES, PALETTE, "leftImg8bit/{split}/*/*_leftImg8bit.png",
+                          "gtFine/{split}/*/*_gtFine_labelIds.png", LABEL_IDS, LABEL_TO_TRAIN,
+                          "Cityscapes labelIds 0-33 (255 = licence plate)"),
+    # The official CARB CamVid classes (11, void 255), in the SegNet palette (also the official one) and names.
+    "camvid": Dataset(
+        ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+         "Bicyclist"],
+        ["sky", "building", "pole", "road", "sidewalk", "tree", "signsymbol", "fence", "car", "pedestrian",
+         "bicyclist"],
+        [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
+         (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)],
+        "img/{split}/*.png", "mask/{split}/*.png", list(range(11)) + [255], class_indices(11),
+        "CamVid class indices 0-10 or 255 = ignore (SegNet's files mark void as 11: map it to 255)"),
+    # The 25 evaluated WildDash2 classes, in WildDash2's id order and colours (its panoptic.json), as official CARB.
+    "wilddash2": Dataset(
+        ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
+         "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
+         "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"],
+        ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
+         "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
+         "bicycle", "pickup", "van", "billboard", "streetlight", "roadmarking"],
+        [(0, 20, 50), (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+         (180, 165, 180), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+         (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 0, 230),
+         (119, 11, 32), (40, 0, 100), (0, 40, 120), (174, 64, 67), (210, 170, 100), (196, 176, 128)],
+        "img/{split}/*.jpg", "mask/{split}/*_labelTrainIds.png", list(range(25)) + [255], class_indices(25),
+        "WildDash2 class indices 0-24 or 255 = ignore (convert WildDash2's labelIds as the README shows)"),
+}
+DATASETS["synthetic"] = DATASETS["cityscapes"]  # written as Cityscapes labelIds in the Cityscapes layout
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the segmentation model's input
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's input
 
@@ -96,20 +142,22 @@ def normalize(images, mean, std):
     return TF.normalize(images, list(mean), list(std))
 
 
-def list_split(root, split):
-    """The image and labelIds files of one split, in the standard Cityscapes layout."""
-    img_dir = os.path.join(root, "leftImg8bit", split)
+def list_split(root, split, data="cityscapes"):
+    """The image and label files of one split, in the dataset's layout (DATASETS)."""
+    ds = DATASETS[data]
+    images_glob, labels_glob = (os.path.join(root, p.format(split=split)) for p in (ds.images, ds.labels))
+    (head, *_, tail), (label_head, *_, label_tail) = images_glob.split("*"), labels_glob.split("*")
+    img_dir = os.path.dirname(head)
     if not os.path.isdir(root):
-        raise CarbError(f"--data-root {root} does not exist: pass the folder that holds leftImg8bit/ and gtFine/")
+        raise CarbError(f"--data-root {root} does not exist: pass the folder that holds "
+                        f"{ds.images.split('/')[0]}/ and {ds.labels.split('/')[0]}/")
     if not os.path.isdir(img_dir):
-        raise CarbError(f"{img_dir} not found: --data-root must hold leftImg8bit/{split}/CITY/*_leftImg8bit.png "
-                        f"and gtFine/{split}/CITY/*_gtFine_labelIds.png")
-    images = sorted(glob(os.path.join(img_dir, "*", "*_leftImg8bit.png")))
+        raise CarbError(f"{img_dir} not found: for --data {data}, --data-root must hold "
+                        f"{ds.images.format(split=split)} and {ds.labels.format(split=split)}")
+    images = sorted(glob(images_glob))
     if not images:
-        raise CarbError(f"{img_dir} holds no CITY/*_leftImg8bit.png images: check --data-root")
-    gts = [p.replace(os.sep + "leftImg8bit" + os.sep, os.sep + "gtFine" + os.sep, 1)
-           .replace("_leftImg8bit.png", "_gtFine_labelIds.png") for p in images]
-    return images, gts
+        raise CarbError(f"{img_dir} holds no {images_glob[len(img_dir) + 1:]} images: check --data-root and --data")
+    return images, [label_head + p[len(head):len(p) - len(tail)] + label_tail for p in images]
 
 
 def image_id(path):
@@ -130,21 +178,25 @@ def read_image(path):
         raise CarbError(f"cannot decode image {path}: truncated or not a PNG/JPEG; re-extract or remove it") from None
 
 
-def read_train_ids(path):
-    """A *_gtFine_labelIds.png -> uint8 [H,W] of trainIds (255 = ignore)."""
+def read_train_ids(path, data="cityscapes"):
+    """A label file of the dataset (Cityscapes: *_gtFine_labelIds.png) -> uint8 [H,W] of train indices (255 =
+    ignore)."""
+    ds = DATASETS[data]
     try:
         with Image.open(path) as f:
-            label_ids = np.array(f)
+            label = np.array(f)
     except (OSError, ValueError) as e:
         raise CarbError(f"cannot read label {path} ({e}): re-extract or remove it") from None
-    if label_ids.ndim != 2:
-        raise CarbError(f"label {path} has {label_ids.shape[-1]} channels: a *_gtFine_labelIds.png is one channel "
-                        "of Cityscapes labelIds (a *_color.png or an image in its place?)")
-    bad = np.setdiff1d(np.unique(label_ids), LABEL_IDS) if label_ids.max() > 33 or label_ids.min() < 0 else []
-    if len(bad):
-        raise CarbError(f"label {path} holds values {bad[:5].tolist()} that are not Cityscapes labelIds 0-33 "
-                        "(trainIds or another dataset's labels?): convert it with cityscapesscripts' labelIds")
-    return LABEL_TO_TRAIN[torch.from_numpy(label_ids.astype(np.uint8)).long()]
+    if label.ndim != 2:
+        raise CarbError(f"label {path} has {label.shape[-1]} channels: a label file is one channel of "
+                        f"{ds.label_desc} (a colour picture or an image in its place?)")
+    valid = np.zeros(256, bool)
+    valid[ds.label_values] = True
+    if label.dtype.kind not in "iu" or label.min() < 0 or label.max() > 255 or not valid[label].all():
+        bad = np.setdiff1d(np.unique(label), ds.label_values)
+        raise CarbError(f"label {path} holds values {bad[:5].tolist()} that are not {ds.label_desc}: another "
+                        f"dataset's labels, or the wrong --data {data}?")
+    return ds.to_train[torch.from_numpy(label.astype(np.uint8)).long()]
 
 
 def check_pairs(images, gts):
@@ -152,8 +204,9 @@ def check_pairs(images, gts):
     PNG headers (a truncated file is found when it is decoded, and named then)."""
     missing = [g for g in gts if not os.path.isfile(g)]
     if missing:
-        raise CarbError(f"{len(missing)} label files are missing, the first {missing[0]}: each "
-                        "leftImg8bit/SPLIT/CITY/X_leftImg8bit.png needs gtFine/SPLIT/CITY/X_gtFine_labelIds.png")
+        first = images[gts.index(missing[0])]
+        raise CarbError(f"{len(missing)} label files are missing, the first {missing[0]} (of {first}): every image "
+                        "needs its label file")
     for img, gt in zip(images, gts):
         sizes = []
         for path in (img, gt):
@@ -166,10 +219,11 @@ def check_pairs(images, gts):
             raise CarbError(f"{gt} is {sizes[1]} but its image {img} is {sizes[0]}: they must be the same size")
 
 
-def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None):
+def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None, data="cityscapes"):
     """[N, C] uint8: which trainIds occur in each image. Computed once from the GT and cached; this is the only
     thing training ever takes from the GT masks (the weak supervision of the paper). With `image_paths`, each
-    image is checked against its label file before the first computation."""
+    image is checked against its label file before the first computation. (The label files' paths, which differ
+    between the datasets' layouts, are the cache key.)"""
     key = hashlib.sha1("\n".join(os.path.abspath(p) for p in gt_paths).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"image_labels_{key}.pt")
     if os.path.isfile(cache):
@@ -183,10 +237,39 @@ def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None):
         check_pairs(image_paths, gt_paths)
     labels = torch.zeros(len(gt_paths), num_classes, dtype=torch.uint8)
     for i, p in enumerate(tqdm(gt_paths, desc="image-level labels", leave=False)):
-        present = read_train_ids(p).unique().long()
+        present = read_train_ids(p, data).unique().long()
         labels[i, present[present < num_classes]] = 1
     os.makedirs(cache_dir, exist_ok=True)
     atomic_save(labels, cache)
+    return labels
+
+
+def read_image_labels(path, image_paths, data="cityscapes"):
+    """--image-labels: a JSON object {image id: [class names]} -> [N, C] uint8 for `image_paths`, in order. Class
+    names are the dataset's (any case); ids the JSON has beyond these images are not used. No mask is read."""
+    classes = DATASETS[data].classes
+    try:
+        with open(path) as f:
+            tags = json.load(f)
+    except OSError as e:
+        raise CarbError(f"--image-labels {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CarbError(f"--image-labels {path} is not JSON ({e})") from None
+    if not isinstance(tags, dict) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+                                             for v in tags.values()):
+        raise CarbError(f'--image-labels {path} must be one JSON object {{"IMAGE_ID": ["CLASS", ...], ...}}')
+    index = {name.lower(): c for c, name in enumerate(classes)}
+    labels = torch.zeros(len(image_paths), len(classes), dtype=torch.uint8)
+    for i, p in enumerate(image_paths):
+        key = image_id(p)
+        if key not in tags:
+            raise CarbError(f"--image-labels {path} has no entry for {key} ({p}): list every training image, with [] "
+                            "for one that shows none of the classes")
+        for name in tags[key]:
+            if name.lower() not in index:
+                raise CarbError(f"--image-labels {path}: {key} lists {name!r}, which is not a --data {data} class "
+                                f"({', '.join(classes)})")
+            labels[i, index[name.lower()]] = 1
     return labels
 
 
@@ -269,14 +352,14 @@ class InfiniteSampler(torch.utils.data.Sampler):
 class EvalSet(torch.utils.data.Dataset):
     """Validation images at full resolution with their trainId masks: (image uint8 [3,H,W], mask uint8 [H,W])."""
 
-    def __init__(self, images, gts):
-        self.images, self.gts = images, gts
+    def __init__(self, images, gts, data="cityscapes"):
+        self.images, self.gts, self.data = images, gts, data
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        img, gt = read_image(self.images[i]), read_train_ids(self.gts[i])
+        img, gt = read_image(self.images[i]), read_train_ids(self.gts[i], self.data)
         if img.shape[-2:] != gt.shape:
             raise CarbError(f"{self.gts[i]} is {tuple(gt.shape)} but its image is {tuple(img.shape[-2:])}")
         return img, gt
@@ -791,26 +874,28 @@ def evaluate_pseudo_masks(scorer, loader, num_classes, device):
     return iou_from_confusion(conf)
 
 
-# Pictures: image | masks side by side, in the Cityscapes palette (void black), titled, with a legend below.
+# Pictures: image | masks side by side, in the dataset's palette (void black), titled, with a legend below.
 VIS_TITLE_H, VIS_LEGEND_H, VIS_LEGEND_W, VIS_MAX_W = 16, 16, 112, 1024  # pixels
 
 
-def colorize(mask):
-    """trainId mask [H,W] -> RGB uint8 [H,W,3] in the Cityscapes palette; void (255) black."""
+def colorize(mask, data="cityscapes"):
+    """trainId mask [H,W] -> RGB uint8 [H,W,3] in the dataset's palette; void (255) black."""
+    palette = DATASETS[data].palette
     lut = torch.zeros(256, 3, dtype=torch.uint8)
-    lut[:len(PALETTE)] = torch.tensor(PALETTE, dtype=torch.uint8)
+    lut[:len(palette)] = torch.tensor(palette, dtype=torch.uint8)
     return lut[mask.cpu().long()]
 
 
-def vis_strip(image, masks):
+def vis_strip(image, masks, data="cityscapes"):
     """One picture per image: the image (uint8 [3,H,W]), then each trainId mask [H,W] of `masks` ({title: mask}),
     side by side under their titles, then a legend of the classes present. Panels wider than VIS_MAX_W are shrunk
     to it (a Cityscapes strip at full resolution would be 8192 px wide)."""
     H, W = image.shape[-2:]
     w, h = min(W, VIS_MAX_W), round(H * min(W, VIS_MAX_W) / W)
     panels = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((w, h), Image.BILINEAR)]
-    panels += [Image.fromarray(colorize(m).numpy()).resize((w, h), Image.NEAREST) for m in masks.values()]
-    present = sorted({c for m in masks.values() for c in m.unique().tolist() if c < len(CLASS_NAMES)})
+    panels += [Image.fromarray(colorize(m, data).numpy()).resize((w, h), Image.NEAREST) for m in masks.values()]
+    classes, palette = DATASETS[data].classes, DATASETS[data].palette
+    present = sorted({c for m in masks.values() for c in m.unique().tolist() if c < len(classes)})
     per_row = max(1, len(panels) * w // VIS_LEGEND_W)
     strip = Image.new("RGB", (len(panels) * w, VIS_TITLE_H + h + math.ceil(len(present) / per_row) * VIS_LEGEND_H),
                       "white")
@@ -820,8 +905,8 @@ def vis_strip(image, masks):
         draw.text((k * w + 3, 2), title, fill="black")
     for n, c in enumerate(present):
         x, y = n % per_row * VIS_LEGEND_W, VIS_TITLE_H + h + n // per_row * VIS_LEGEND_H
-        draw.rectangle((x + 3, y + 3, x + 13, y + 13), fill=PALETTE[c], outline="black")
-        draw.text((x + 17, y + 2), CLASS_NAMES[c], fill="black")
+        draw.rectangle((x + 3, y + 3, x + 13, y + 13), fill=palette[c], outline="black")
+        draw.text((x + 17, y + 2), classes[c], fill="black")
     return strip
 
 
@@ -834,9 +919,10 @@ def write_val_strips(model, scorer, dataset, out_dir, device, n=4):
     for i in range(0, len(dataset), max(1, len(dataset) // n))[:n]:
         image, gt = dataset[i]
         x = image[None].to(device)
-        labels = present_classes(gt, len(CLASS_NAMES))[None].to(device)
+        labels = present_classes(gt, len(DATASETS[dataset.data].classes))[None].to(device)
         clip_mask = pseudo_mask(scorer(normalize(x.float() / 255, CLIP_MEAN, CLIP_STD)), labels, gt.shape)[0]
-        strip = vis_strip(image, {"CLIP pseudo-mask": clip_mask, "prediction": predict(model, x)[0], "GT": gt})
+        strip = vis_strip(image, {"CLIP pseudo-mask": clip_mask, "prediction": predict(model, x)[0], "GT": gt},
+                          dataset.data)
         strip.save(os.path.join(out_dir, image_id(dataset.images[i]) + ".png"))
     model.train()
 
@@ -872,15 +958,25 @@ def load_checkpoint(path, flag):
     return ckpt
 
 
-def segmenter_from_checkpoint(path, flag="--ckpt"):
-    """(Segmenter, run args) of a checkpoint, built from its own --backbone; its text classifier is in its weights."""
+def segmenter_from_checkpoint(path, flag="--ckpt", data=None):
+    """(Segmenter, run args) of a checkpoint, built from its own --backbone; its text classifier is in its weights.
+    It must be for the classes of `data` (default: the --data it was trained with)."""
     ckpt = load_checkpoint(path, flag)
     state, backbone = ckpt["model"], ckpt["args"].get("backbone")
+    trained_on = ckpt["args"].get("data", data or "cityscapes")  # a checkpoint without it: the classes of `data`
+    data = data or trained_on
+    if trained_on not in DATASETS:
+        raise CarbError(f"{flag} {path} was trained with --data {trained_on}, which this carb.py does not know "
+                        f"({', '.join(DATASETS)})")
+    if DATASETS[trained_on].classes != DATASETS[data].classes:
+        raise CarbError(f"{flag} {path} was trained with --data {trained_on}, whose classes are not those of --data "
+                        f"{data}: pass --data {trained_on}")
+    classes = DATASETS[data].classes
     classifier = state.get("text_classifier")
-    if classifier is None or classifier.ndim != 2 or classifier.shape[0] != len(CLASS_NAMES):
+    if classifier is None or classifier.ndim != 2 or classifier.shape[0] != len(classes):
         shape = None if classifier is None else list(classifier.shape)
         raise CarbError(f"{flag} {path} has a text classifier of shape {shape}: carb evaluates the "
-                        f"{len(CLASS_NAMES)} Cityscapes classes, so it must be [{len(CLASS_NAMES)}, D]")
+                        f"{len(classes)} --data {data} classes, so it must be [{len(classes)}, D]")
     if backbone not in BACKBONES:
         raise CarbError(f"{flag} {path} was trained with --backbone {backbone}, which this carb.py does not know "
                         f"({', '.join(BACKBONES)})")
@@ -926,14 +1022,25 @@ def open_log(path, start):
 # 7. main
 # ---------------------------------------------------------------------------------------------------
 
-# Per-dataset defaults. Cityscapes: the official configs/carb/cityscapes_carb_dual.py (2 GPUs x 4 images there;
-# batch 8 on one GPU here). Synthetic: small enough to train on 2 CPU cores in a few minutes.
+# Per-dataset defaults. Cityscapes, CamVid, WildDash2: the official configs/carb/{cityscapes,camvid,wilddash2}_
+# carb_dual.py (2 GPUs x 4 images there; batch 8 on one GPU here). Synthetic: small enough to train on 2 CPU cores
+# in a few minutes.
 DEFAULTS = {
     "cityscapes": dict(data_root="data/cityscapes", out="runs/cityscapes", iters=30000, batch_size=8,
                        crop=(512, 1024), base_size=(1024, 2048), scale_range=(0.5, 2.0), window=(512, 256),
                        multiplier=(1.0, 1.0), carb_start=16000, optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50",
                        backbone_weights="IMAGENET1K_V1", clip_model="ViT-B/16", val_every=2000, workers=4,
                        photometric=True),
+    "camvid": dict(data_root="data/camvid", out="runs/camvid", iters=12000, batch_size=8, crop=(720, 960),
+                   base_size=(720, 960), scale_range=(1.0, 4.0), window=(512, 256), multiplier=(2.0, 0.5),
+                   carb_start=4000, optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50",
+                   backbone_weights="IMAGENET1K_V1", clip_model="ViT-B/16", val_every=2000, workers=4,
+                   photometric=True),
+    "wilddash2": dict(data_root="data/wilddash2", out="runs/wilddash2", iters=30000, batch_size=8, crop=(512, 1024),
+                      base_size=(1024, 2048), scale_range=(0.5, 2.0), window=(512, 256), multiplier=(1.0, 1.0),
+                      carb_start=16000, optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50",
+                      backbone_weights="IMAGENET1K_V1", clip_model="ViT-B/16", val_every=2000, workers=4,
+                      photometric=True),
     "synthetic": dict(data_root="data/synthetic", out="runs/synthetic", iters=400, batch_size=4,
                       crop=(128, 256), base_size=(256, 512), scale_range=(0.5, 2.0), window=(128, 64),
                       multiplier=(1.0, 1.0), carb_start=213, optimizer="adamw", lr=2e-3, min_lr=1e-5,
@@ -948,14 +1055,19 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="CARB: weakly supervised semantic segmentation for driving scenes.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = lambda key: "default: " + "; ".join(f"{n} {DEFAULTS[n][key]}" for n in DEFAULTS)  # noqa: E731
-    p.add_argument("--data", choices=list(DEFAULTS), default="synthetic", help="dataset")
+    p.add_argument("--data", choices=list(DEFAULTS), default="synthetic",
+                   help="dataset: its classes, folder layout and the defaults below (README: CamVid and WildDash2)")
     p.add_argument("--data-root", help=d("data_root"))
+    p.add_argument("--image-labels", metavar="FILE",
+                   help='JSON {"IMAGE_ID": ["CLASS", ...]}: the training images\' classes, given, so no train mask '
+                        "is read; without it they are listed once from the train masks")
     p.add_argument("--out", help="run folder for last.pth, best.pth, log.csv; " + d("out"))
     p.add_argument("--iters", type=int, help=d("iters"))
     p.add_argument("--batch-size", type=int, help=d("batch_size"))
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help=d("crop"))
     p.add_argument("--scale-range", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="random rescale of the base size; " + d("scale_range"))
+                   help="random rescale of the dataset's fixed base size H W (" +
+                        "; ".join(f"{n} {DEFAULTS[n]['base_size']}" for n in DEFAULTS) + "); " + d("scale_range"))
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="global-local window; " + d("window"))
     p.add_argument("--multiplier", type=float, nargs=2, metavar=("RATE", "OFFSET"),
                    help="window up-scaling m = RATE * U[0,1) + OFFSET; " + d("multiplier"))
@@ -1028,6 +1140,9 @@ def check_args(args):
             raise CarbError(f"--region-weight {args.region_weight}: use 'adaptive' or a number") from None
         if not weight >= 0:
             raise CarbError(f"--region-weight {args.region_weight}: must be 'adaptive' or a number >= 0")
+    if args.clip_model == "simulated" and DATASETS[args.data] is not DATASETS["cityscapes"]:
+        raise CarbError(f"--clip-model simulated knows only the Cityscapes classes (it is the synthetic stand-in): "
+                        f"pass a CLIP model for --data {args.data}, e.g. ViT-B/16")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CarbError(f"--out {args.out} is a file: pass a folder")
     last = os.path.join(args.out, "last.pth")
@@ -1044,9 +1159,10 @@ def build_scorer(args, device):
         sim = SimulatedCLIP().to(device)
         return sim, sim.text_classifier.cpu()
     clip_model = load_clip(args.clip_model, device)
+    names = DATASETS[args.data].clip_names
     key = hashlib.sha1(repr((os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model)
-                             else args.clip_model, CLIP_NAMES, TEMPLATES)).encode()).hexdigest()[:16]
-    classifier = text_classifier(clip_model, CLIP_NAMES, os.path.join(args.cache_dir, f"text_{key}.pt"))
+                             else args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]
+    classifier = text_classifier(clip_model, names, os.path.join(args.cache_dir, f"text_{key}.pt"))
     return (lambda images: maskclip_scores(clip_model, images, classifier)), classifier
 
 
@@ -1063,7 +1179,7 @@ def main(args):
     last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
     ckpt = load_checkpoint(last, "--resume") if args.resume else None
     if ckpt:  # before any work: a checkpoint that cannot continue this run
-        for key in ("backbone", "optimizer"):
+        for key in ("data", "backbone", "optimizer"):
             if ckpt["args"].get(key) != getattr(args, key):
                 raise CarbError(f"--resume: {last} was trained with --{key} {ckpt['args'].get(key)}, not "
                                 f"{getattr(args, key)}: pass the run's own --{key}")
@@ -1073,18 +1189,21 @@ def main(args):
     torch.manual_seed(args.seed)
     if args.data == "synthetic":
         make_synthetic(args.data_root, size=DEFAULTS["synthetic"]["base_size"], **SYNTHETIC_SIZES)
-    num_classes = len(CLASS_NAMES)
+    class_names = DATASETS[args.data].classes
+    num_classes = len(class_names)
 
-    train_images, train_gts = list_split(args.data_root, "train")
-    # the only use of the train GT (and the first use checks each image against its label file)
-    image_labels = image_level_labels(train_gts, num_classes, args.cache_dir, train_images)
+    train_images, train_gts = list_split(args.data_root, "train", args.data)
+    if args.image_labels:  # given: no train mask is ever opened
+        image_labels = read_image_labels(args.image_labels, train_images, args.data)
+    else:  # the only use of the train GT (and the first use checks each image against its label file)
+        image_labels = image_level_labels(train_gts, num_classes, args.cache_dir, train_images, args.data)
     train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
                              args.photometric)
-    val_images, val_gts = list_split(args.data_root, "val")
+    val_images, val_gts = list_split(args.data_root, "val", args.data)
     check_pairs(val_images, val_gts)  # now, not at the first validation
     training_done = multiprocessing.Event()
     worker_init = functools.partial(worker_signals, training_done)
-    val_set = EvalSet(val_images, val_gts)
+    val_set = EvalSet(val_images, val_gts, args.data)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=args.workers,
                                              worker_init_fn=worker_init)
 
@@ -1197,7 +1316,7 @@ def main(args):
     # The paper's two numbers on the val split: CLIP's pseudo-masks and the trained model.
     pseudo_iou = evaluate_pseudo_masks(scorer, val_loader, num_classes, device)
     model_iou = evaluate(model, val_loader, num_classes, device)
-    print(format_table({"pseudo-mask": pseudo_iou, "model": model_iou}, CLASS_NAMES))
+    print(format_table({"pseudo-mask": pseudo_iou, "model": model_iou}, class_names))
     if args.data == "synthetic":
         print("(synthetic stand-in data and a simulated CLIP: these are not Cityscapes results)")
     print(f"pseudo-mask mIoU: {mean_iou(pseudo_iou):.2f}")
@@ -1223,7 +1342,8 @@ def ablation(argv):
     iters = given.iters or ABLATION_ITERS.get(args.data, args.iters)
     carb_start = given.carb_start if given.carb_start is not None else round(iters * 16000 / 30000)  # official ratio
     base = [a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every", str(iters)]
-    small = [CLASS_NAMES.index(c) for c in ("traffic light", "traffic sign", "pole")]
+    names = DATASETS[args.data].classes
+    small = [names.index(c) for c in ("traffic light", "traffic sign", "pole", "SignSymbol", "Pole") if c in names]
     results = {}  # (variant, seed) -> [mIoU, small-class IoUs...]
     for seed in ABLATION_SEEDS:
         for i, (name, flags) in enumerate(ABLATION):
@@ -1233,7 +1353,7 @@ def ablation(argv):
             pseudo, model = main(parse_args(base + ["--carb-start", str(carb_start)] + flags
                                             + ["--seed", str(seed), "--out", out]))
             results[name, seed] = [mean_iou(model)] + [100 * model[c].item() for c in small]
-    columns = ["mIoU"] + [f"IoU {CLASS_NAMES[c]}" for c in small]
+    columns = ["mIoU"] + [f"IoU {names[c]}" for c in small]
     print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; "
           f"pseudo-mask mIoU (reference) {mean_iou(pseudo):.2f}")
     print(f"{'seed 0':<26}" + "".join(f"{c:>20}" for c in columns))

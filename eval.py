@@ -6,6 +6,7 @@
     python eval.py --clip --clip-scale 2 --clip-tiles 2                               # CLIP's pseudo-masks (Fig. 3)
     python eval.py --data cityscapes --split test --ckpt RUN/best.pth --save-dir SUB  # for the benchmark server
     python eval.py --images FRAMES --ckpt RUN/best.pth --save-dir OUT                 # any folder of images
+    python eval.py --data camvid --ckpt runs/camvid/best.pth --vis VIS                # CamVid, WildDash2: the same
 
 --ckpt, --pred-dir and --clip can be combined: each is a column of one table. --vis DIR writes a picture per image,
 --json FILE the numbers. One confusion matrix per column is summed over the split (IoU = tp / (tp + fp + fn));
@@ -26,32 +27,33 @@ from tqdm import tqdm
 
 import carb
 
-C = len(carb.CLASS_NAMES)
 SUFFIX = {"trainid": "trainIds", "labelid": "labelIds", "color": "color"}  # --save-format -> file name suffix
-ID_LIMIT = {"trainid": C, "labelid": 34}  # legal ids in a prediction PNG: below this, or 255 (void)
-CITYSCAPES_ID = re.compile(r"[A-Za-z]+_\d{6}_\d{6}")  # city_seq_frame, e.g. frankfurt_000000_000294
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate, export and draw carb.py predictions and CLIP pseudo-masks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", choices=list(carb.DEFAULTS), default="synthetic")
+    p.add_argument("--data", choices=list(carb.DEFAULTS), help="default: the --ckpt's, else synthetic")
     p.add_argument("--data-root", help="default: the dataset's carb.py default")
-    p.add_argument("--split", default="val", help="a folder of leftImg8bit/; 'test' is predicted, not scored")
+    p.add_argument("--split", default="val", help="a folder of leftImg8bit/ (img/ for camvid, wilddash2); scored "
+                   "where it has labels (Cityscapes' test split: predicted, not scored)")
     p.add_argument("--images", metavar="DIR", help="instead of a split: every .png/.jpg in DIR (no ground truth)")
     p.add_argument("--ckpt", help="score (or predict with) a carb.py checkpoint, e.g. RUN/best.pth")
     p.add_argument("--flip", action="store_true", help="test-time augmentation: also the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="test-time augmentation: scales whose softmax is averaged, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
-    p.add_argument("--pred-dir", help="score saved prediction PNGs, found by the image id (city_seq_frame) in the name")
-    p.add_argument("--pred-format", choices=["trainid", "labelid"], default="labelid", help="ids in --pred-dir PNGs")
+    p.add_argument("--pred-dir", help="score saved prediction PNGs, found by the image id (e.g. city_seq_frame) in "
+                   "the name")
+    p.add_argument("--pred-format", choices=["trainid", "labelid"],
+                   help="ids in --pred-dir PNGs; default: labelid for cityscapes/synthetic, trainid for the others")
     p.add_argument("--clip", action="store_true", help="score CLIP's pseudo-masks (restricted to the GT's classes)")
     p.add_argument("--clip-scale", type=float, default=1.0, help="also CLIP on the image up-scaled by this")
     p.add_argument("--clip-tiles", type=int, default=1, help="also CLIP on N x N tiles, stitched back")
     p.add_argument("--clip-model", help="default: the checkpoint's, else the dataset's carb.py default")
     p.add_argument("--save-dir", help="write the predictions (of --ckpt, else of --pred-dir) as ID_SUFFIX.png")
     p.add_argument("--save-format", nargs="+", choices=list(SUFFIX),
-                   help="default: labelid (what the Cityscapes server takes); with --images: trainid color")
+                   help="default: labelid (what the Cityscapes server takes; trainid for camvid, wilddash2); "
+                        "with --images: trainid color")
     p.add_argument("--vis", metavar="DIR", help="write one picture per image: image | CLIP | prediction | GT")
     p.add_argument("--json", metavar="FILE", help="write per-class IoU, mIoU, pixel accuracy and pixel counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,28 +97,36 @@ def list_images(folder):
     return images
 
 
-def load_model(path, device):
+def load_model(path, device, data=None):
     # The text classifier is a buffer of the model, so no CLIP is needed to predict. Loaded with weights_only;
-    # a missing, truncated or foreign checkpoint (another class count or backbone) is a one-line error.
-    model, ckpt_args = carb.segmenter_from_checkpoint(path, "--ckpt")
+    # a missing, truncated or foreign checkpoint (another class count, dataset or backbone) is a one-line error.
+    model, ckpt_args = carb.segmenter_from_checkpoint(path, "--ckpt", data)
     return model.to(device).eval(), ckpt_args
+
+
+def id_in(name, wanted):
+    """The longest id of `wanted` in a file name, not as part of a longer run of letters or digits, else None:
+    frankfurt_000000_000294 in pred_frankfurt_000000_000294.png, 0001TP_006690 in 0001TP_006690_trainIds.png."""
+    runs = list(re.finditer(r"[A-Za-z0-9]+", name))
+    hits = [name[a.start():b.end()] for i, a in enumerate(runs) for b in runs[i:] if name[a.start():b.end()] in wanted]
+    return max(hits, key=len, default=None)
 
 
 def match_predictions(pred_dir, ids, split):
     """The prediction PNG of each image, found by the image id anywhere in its name (in any sub-folder), as the
-    official script finds them. Missing, extra and doubled files are errors that name the first culprit."""
+    official Cityscapes script finds them. Missing, extra and doubled files are errors that name the first culprit."""
     if not os.path.isdir(pred_dir):
         raise carb.CarbError(f"--pred-dir {pred_dir} is not a folder")
     found, extra, wanted = {}, [], set(ids)
     for path in sorted(glob(os.path.join(pred_dir, "**", "*.png"), recursive=True)):
-        hits = [m for m in CITYSCAPES_ID.findall(os.path.basename(path)) if m in wanted]
-        if not hits:
+        hit = id_in(os.path.basename(path), wanted)
+        if hit is None:
             extra.append(path)
-        elif hits[0] in found:
-            raise carb.CarbError(f"--pred-dir: two predictions for {hits[0]} ({found[hits[0]]}, {path}): keep one "
+        elif hit in found:
+            raise carb.CarbError(f"--pred-dir: two predictions for {hit} ({found[hit]}, {path}): keep one "
                                  "PNG per image (save each --save-format to its own folder)")
         else:
-            found[hits[0]] = path
+            found[hit] = path
     missing = [i for i in ids if i not in found]
     if missing:
         raise carb.CarbError(f"--pred-dir: {len(missing)} of {len(ids)} images of --split {split} have no prediction "
@@ -127,8 +137,9 @@ def match_predictions(pred_dir, ids, split):
     return [found[i] for i in ids]
 
 
-def read_prediction(path, fmt, size):
-    """A prediction PNG of trainIds or labelIds -> trainIds uint8 [H,W] (255 = void, which scores as a miss)."""
+def read_prediction(path, fmt, size, num_classes):
+    """A prediction PNG of trainIds or (Cityscapes) labelIds -> trainIds uint8 [H,W] (255 = void, which scores as a
+    miss)."""
     try:
         ids = np.array(Image.open(path))
     except (OSError, ValueError) as e:
@@ -139,10 +150,11 @@ def read_prediction(path, fmt, size):
     if ids.shape != tuple(size):
         raise carb.CarbError(f"{path} is {ids.shape[0]}x{ids.shape[1]} but its image is {size[0]}x{size[1]}: "
                              "predict at the image's full resolution")
-    bad = ((ids < 0) | (ids >= ID_LIMIT[fmt])) & (ids != 255)
+    limit = {"trainid": num_classes, "labelid": 34}[fmt]  # legal ids: below this, or 255 (void)
+    bad = ((ids < 0) | (ids >= limit)) & (ids != 255)
     if bad.any():
         other = {"trainid": "labelid", "labelid": "trainid"}[fmt]
-        raise carb.CarbError(f"{path} holds {ids[bad][0]}, not a {fmt} (0-{ID_LIMIT[fmt] - 1}, or 255 = void): "
+        raise carb.CarbError(f"{path} holds {ids[bad][0]}, not a {fmt} (0-{limit - 1}, or 255 = void): "
                              f"check the file, or pass --pred-format {other} if that is what it holds")
     ids = torch.from_numpy(ids.astype(np.uint8))
     return carb.LABEL_TO_TRAIN[ids.long()] if fmt == "labelid" else ids
@@ -162,16 +174,17 @@ def clip_view(scorer, image, labels, scale, tiles):
     return mask
 
 
-def save_prediction(mask, image_id, out_dir, formats):
-    """trainIds [H,W] -> OUT/ID_trainIds.png, ID_labelIds.png (void -> 0 "unlabeled") and/or ID_color.png."""
+def save_prediction(mask, image_id, out_dir, formats, data):
+    """trainIds [H,W] -> OUT/ID_trainIds.png, ID_labelIds.png (Cityscapes; void -> 0 "unlabeled") and/or
+    ID_color.png."""
     mask = mask.cpu()
     for fmt in formats:
         pixels = {"trainid": mask.to(torch.uint8), "labelid": carb.TRAIN_TO_LABEL[mask.long()],
-                  "color": carb.colorize(mask)}[fmt]
+                  "color": carb.colorize(mask, data)}[fmt]
         Image.fromarray(pixels.numpy()).save(os.path.join(out_dir, f"{image_id}_{SUFFIX[fmt]}.png"))
 
 
-def summarize(conf):
+def summarize(conf, class_names):
     """Per-class IoU, mIoU and pixel accuracy (in percent, None where undefined) and the pixel counts behind them,
     of one [C, C+1] confusion matrix (GT-ignored pixels are not in it)."""
     iou, conf = carb.iou_from_confusion(conf), conf.cpu()
@@ -181,19 +194,30 @@ def summarize(conf):
             "labelled_pixels": labelled,
             "classes": {name: {"iou": number(100 * iou[c].item()), "gt_pixels": conf[c].sum().item(),
                                "predicted_pixels": conf[:, c].sum().item(), "true_positives": tp[c].item()}
-                        for c, name in enumerate(carb.CLASS_NAMES)}}
+                        for c, name in enumerate(class_names)}}
 
 
 @torch.no_grad()
 def main(args):
     device = torch.device(args.device)
-    model, ckpt_args = load_model(args.ckpt, device) if args.ckpt else (None, {})
+    model, ckpt_args = load_model(args.ckpt, device, args.data) if args.ckpt else (None, {})
+    args.data = args.data or ckpt_args.get("data") or "synthetic"
+    ds = carb.DATASETS[args.data]
+    C = len(ds.classes)
+    label_ids = ds is carb.DATASETS["cityscapes"]  # labelIds (the Cityscapes benchmark's format) exist only there
+    args.pred_format = args.pred_format or ("labelid" if label_ids else "trainid")
+    formats = args.save_format or (["trainid", "color"] if args.images else ["labelid" if label_ids else "trainid"])
+    if not label_ids and "labelid" in formats + [args.pred_format]:
+        raise carb.CarbError(f"labelid is the Cityscapes benchmark's format: --data {args.data} predictions are "
+                             f"written and read as trainid (class indices 0-{C - 1}, 255 = void) or color")
     if args.images:
         images, gts = list_images(args.images), None
     else:
         root = args.data_root or carb.DEFAULTS[args.data]["data_root"]
-        images, gts = carb.list_split(root, args.split)
-        gts = None if args.split == "test" else gts  # Cityscapes' test labels are placeholders
+        images, gts = carb.list_split(root, args.split, args.data)
+        label_dir = os.path.dirname(os.path.join(root, ds.labels.format(split=args.split)).split("*")[0])
+        if (label_ids and args.split == "test") or not os.path.isdir(label_dir):
+            gts = None  # Cityscapes' test labels are placeholders; a split without its label folder has none
     check_args(args, gts is not None)
     ids = [carb.image_id(p) for p in images]
     # The columns: title -> f(image uint8 [3,H,W] on the device, GT's classes [C] or None, index) -> trainIds [H,W]
@@ -212,15 +236,14 @@ def main(args):
     if args.pred_dir:
         pred_files = match_predictions(args.pred_dir, ids, args.split)
         views["predictions"] = lambda image, labels, i: \
-            read_prediction(pred_files[i], args.pred_format, image.shape[-2:]).to(device)
+            read_prediction(pred_files[i], args.pred_format, image.shape[-2:], C).to(device)
     saved = "model TTA" if "model TTA" in views else "model" if model is not None else "predictions"
-    formats = args.save_format or (["trainid", "color"] if args.images else ["labelid"])
     for folder in (args.save_dir, args.vis):
         if folder:
             os.makedirs(folder, exist_ok=True)
 
     conf = {title: torch.zeros(C, C + 1, dtype=torch.long, device=device) for title in views}
-    loader = torch.utils.data.DataLoader(Frames(images, gts), batch_size=None, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(Frames(images, gts, args.data), batch_size=None, num_workers=args.workers)
     for i, (image, gt) in enumerate(tqdm(loader, desc="images" if args.images else args.split)):
         image = image.to(device)
         gt = None if gt is None else gt.to(device)
@@ -230,14 +253,14 @@ def main(args):
             for title, mask in masks.items():
                 conf[title] += carb.confusion_matrix(mask, gt, C)
         if args.save_dir:
-            save_prediction(masks[saved], ids[i], args.save_dir, formats)
+            save_prediction(masks[saved], ids[i], args.save_dir, formats, args.data)
         if args.vis:
-            carb.vis_strip(image, masks | ({} if gt is None else {"GT": gt})).save(
+            carb.vis_strip(image, masks | ({} if gt is None else {"GT": gt}), args.data).save(
                 os.path.join(args.vis, ids[i] + ".png"))
     results = None
     if gts is not None:
-        results = {title: summarize(c) for title, c in conf.items()}
-        print(carb.format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, carb.CLASS_NAMES))
+        results = {title: summarize(c, ds.classes) for title, c in conf.items()}
+        print(carb.format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, ds.classes))
         if args.data == "synthetic":
             print("(synthetic stand-in data: these are not Cityscapes results)")
         if "model TTA" in views:

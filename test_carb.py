@@ -938,7 +938,8 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path):
                        "--cache-dir", tmp_path / "cache", "--workers", 0)
     assert list(results) == ["pseudo-mask", "pseudo-mask x2 2x2"]
     # the original view, by carb.py's own pseudo-mask evaluation (the route training's final table takes)
-    scorer, _ = carb.build_scorer(argparse.Namespace(clip_model=str(trained["clip"]), cache_dir=str(tmp_path / "c2")),
+    scorer, _ = carb.build_scorer(argparse.Namespace(data="cityscapes", clip_model=str(trained["clip"]),
+                                                     cache_dir=str(tmp_path / "c2")),
                                   torch.device("cpu"))
     loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(root), "val")), batch_size=1)
     expected = carb.mean_iou(carb.evaluate_pseudo_masks(scorer, loader, C, torch.device("cpu")))
@@ -1387,3 +1388,201 @@ def test_ablation_runs_each_variant_through_the_normal_cli(trained, capsys, monk
         mean, std = (m0 + m1) / 2, abs(m0 - m1) / math.sqrt(2)
         assert re.search(rf"^{re.escape(name)} +{mean:.2f} ± {std:.2f} ", printed, re.M), printed
         assert re.search(rf"^{re.escape(name)} +{m0:.2f} ", printed, re.M)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets beyond Cityscapes (CamVid, WildDash2) and training from image-level tags alone (--image-labels)
+# ---------------------------------------------------------------------------------------------------
+
+# The class tables as the issue and the official CARB code list them: names, and colours from their sources
+# (CamVid: the SegNet palette; WildDash2: the categories of its panoptic.json), not from carb.DATASETS.
+CAMVID = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+          "Bicyclist"]
+WILDDASH2 = ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
+             "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
+             "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"]
+COLOURS = {"camvid": {0: (128, 128, 128), 3: (128, 64, 128), 8: (64, 0, 128), 10: (0, 128, 192)},
+           "wilddash2": {0: (0, 20, 50), 1: (128, 64, 128), 20: (40, 0, 100), 24: (196, 176, 128)}}
+LAYOUT = {"camvid": (".png", ".png"), "wilddash2": (".jpg", "_labelTrainIds.png")}  # image, label file endings
+# Each image's class-index rows (255 = ignore); valid for both datasets.
+FLAT_TRAIN = [((0, slice(0, 20)), (1, slice(20, 40)), (3, slice(40, 64))),
+              ((255, slice(0, 10)), (3, slice(10, 50)), (8, slice(50, 64)))]
+FLAT_VAL = [((0, slice(0, 16)), (1, slice(16, 32)), (3, slice(32, 56)), (8, slice(56, 64))),
+            ((0, slice(0, 24)), (3, slice(24, 64)))]
+
+
+def write_flat_tree(root, data, h=64, w=128):
+    """img/{split}/f_00N.EXT + mask/{split}/f_00N{label ending}: the CamVid / WildDash2 layout of official CARB."""
+    image_end, label_end = LAYOUT[data]
+    rng = np.random.default_rng(0)
+    for split, bands_per_image in (("train", FLAT_TRAIN), ("val", FLAT_VAL)):
+        (root / "img" / split).mkdir(parents=True)
+        (root / "mask" / split).mkdir(parents=True)
+        for n, bands in enumerate(bands_per_image):
+            lab = np.zeros((h, w), np.uint8)
+            for index, rows in bands:
+                lab[rows] = index
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / "img" / split / f"f_00{n}{image_end}")
+            Image.fromarray(lab).save(root / "mask" / split / f"f_00{n}{label_end}")
+    return root
+
+
+def test_class_tables_and_palettes():
+    assert carb.DATASETS["camvid"].classes == CAMVID and carb.DATASETS["wilddash2"].classes == WILDDASH2
+    assert carb.DATASETS["camvid"].clip_names == [c.lower() for c in CAMVID]
+    assert len(carb.DATASETS["wilddash2"].clip_names) == 25
+    for data, colours in COLOURS.items():
+        mask = torch.tensor([list(colours) + [255]])
+        assert [tuple(c) for c in carb.colorize(mask, data)[0].tolist()] == list(colours.values()) + [(0, 0, 0)]
+    assert carb.DATASETS["synthetic"] is carb.DATASETS["cityscapes"]
+
+
+@pytest.mark.parametrize("data", ["camvid", "wilddash2"])
+def test_list_split_and_labels_in_the_flat_layout(data, tmp_path):
+    root = write_flat_tree(tmp_path / data, data)
+    images, gts = carb.list_split(str(root), "train", data)
+    image_end, label_end = LAYOUT[data]
+    assert images == [str(root / "img" / "train" / f"f_00{n}{image_end}") for n in (0, 1)]
+    assert gts == [str(root / "mask" / "train" / f"f_00{n}{label_end}") for n in (0, 1)]
+    assert [carb.image_id(p) for p in images] == ["f_000", "f_001"]
+    ids = carb.read_train_ids(gts[1], data)  # class indices are train indices; 255 stays ignore
+    assert ids[:10].eq(255).all() and ids[10:50].eq(3).all() and ids[50:].eq(8).all()
+    labels = carb.image_level_labels(gts, len(carb.DATASETS[data].classes), str(tmp_path / "cache"), images, data)
+    assert [set(row.nonzero().flatten().tolist()) for row in labels] == [{0, 1, 3}, {3, 8}]
+
+
+@pytest.mark.parametrize("data, value, culprit", [("camvid", 11, "0-10"), ("wilddash2", 25, "0-24"),
+                                                  ("camvid", 33, "0-10")])  # 33 is a Cityscapes labelId, not CamVid
+def test_label_values_are_checked_per_dataset(data, value, culprit, tmp_path):
+    root = write_flat_tree(tmp_path / data, data)
+    path = root / "mask" / "val" / ("f_001" + LAYOUT[data][1])
+    label = np.array(Image.open(path))
+    label[0, :2] = value
+    Image.fromarray(label).save(path)
+    with pytest.raises(carb.CarbError) as e:
+        carb.read_train_ids(str(path), data)
+    assert all(s in str(e.value) for s in (str(path), f"[{value}]", culprit)), str(e.value)
+
+
+def test_help_shows_every_datasets_defaults():
+    text = " ".join(carb.get_args_parser().format_help().split())
+    for expected in ("camvid 12000", "camvid (720, 960)", "camvid (1.0, 4.0)", "camvid (2.0, 0.5)", "camvid 4000",
+                     "wilddash2 30000", "wilddash2 16000", "wilddash2 (1024, 2048)", "--image-labels FILE"):
+        assert expected in text, expected
+
+
+@pytest.mark.parametrize("data", ["camvid", "wilddash2"])
+def test_train_and_eval_on_the_flat_layout(data, tiny_clip_path, tmp_path, capsys):
+    """Training, its table and checkpoint; eval.py takes --data from the checkpoint, writes class-index PNGs and
+    pictures in the dataset's palette, and scores those PNGs again through --pred-dir (trainid by default)."""
+    root, run = write_flat_tree(tmp_path / data, data), tmp_path / "run"
+    carb.run(["--data", data, "--data-root", root, "--out", run, "--iters", 2, "--batch-size", 2, "--crop", 32, 64,
+              "--scale-range", 0.1, 0.15, "--window", 16, 16, "--carb-start", 1, "--val-every", 2, "--workers", 0,
+              "--backbone", "mobilenet_v3_large", "--backbone-weights", "none", "--clip-model", tiny_clip_path,
+              "--cache-dir", tmp_path / "cache", "--device", "cpu"])
+    out = capsys.readouterr().out
+    names = CAMVID if data == "camvid" else WILDDASH2
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("class ")) + 1
+    last = next(i for i, line in enumerate(lines) if line.startswith("mIoU "))
+    rows = [line.split("  ")[0] for line in lines[first:last]]
+    assert {names[c] for c in (0, 1, 3, 8)} <= set(rows) <= set(names)  # GT classes; a predicted one may be added
+    assert re.search(r"^model mIoU: \d+\.\d\d$", out, re.M)
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    assert ckpt["model"]["text_classifier"].shape == (len(names), 32) and ckpt["args"]["data"] == data
+
+    saved, vis = tmp_path / "saved", tmp_path / "vis"
+    model = run_eval("--data-root", root, "--ckpt", run / "last.pth", "--save-dir", saved, "--vis", vis,
+                     "--clip-model", tiny_clip_path, "--cache-dir", tmp_path / "cache", "--workers", 0)["model"]
+    assert sorted(os.listdir(saved)) == ["f_000_trainIds.png", "f_001_trainIds.png"]
+    assert all(np.array(Image.open(saved / n)).max() < len(names) for n in os.listdir(saved))
+    strip = Image.open(vis / "f_000.png").convert("RGB")  # image | pseudo-mask | model | GT; GT row 5 is class 0
+    assert strip.width == 4 * 128 and strip.getpixel((3 * 128 + 5, 16 + 5)) == COLOURS[data][0]
+    assert list(model["classes"]) == names
+    again = run_eval("--data", data, "--data-root", root, "--pred-dir", saved, "--workers", 0)["predictions"]
+    assert again == model
+    with pytest.raises(carb.CarbError, match="labelid is the Cityscapes benchmark's format"):
+        run_eval("--data", data, "--data-root", root, "--pred-dir", saved, "--pred-format", "labelid")
+
+
+def test_image_labels_json_gives_the_masks_labels(tmp_path):
+    root = write_flat_tree(tmp_path / "camvid", "camvid")
+    images, gts = carb.list_split(str(root), "train", "camvid")
+    from_masks = carb.image_level_labels(gts, 11, str(tmp_path / "cache"), images, "camvid")
+    tags = tmp_path / "tags.json"
+    tags.write_text(json.dumps({"f_000": ["Sky", "building", "ROAD"], "f_001": ["Road", "Car"], "f_009": []}))
+    shutil.rmtree(root / "mask")
+    assert torch.equal(carb.read_image_labels(str(tags), images, "camvid"), from_masks)
+
+
+def test_training_from_image_labels_reads_no_train_mask(tree, tmp_path, capsys, monkeypatch):
+    shutil.rmtree(tree / "gtFine" / "train")
+    tags = tmp_path / "tags.json"
+    tags.write_text(json.dumps({"x_000000_000000": ["sky", "building", "road"], "x_000000_000001": ["road", "car"]}))
+    read = []
+    real_read = carb.read_train_ids
+    monkeypatch.setattr(carb, "read_train_ids", lambda path, *a: read.append(path) or real_read(path, *a))
+    carb.run([str(a) for a in small_argv(tree, tmp_path, "--image-labels", tags)])
+    assert re.search(r"^model mIoU: ", capsys.readouterr().out, re.M)
+    assert read and all(os.sep + "val" + os.sep in p for p in read)  # validation only
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("image_labels_*"))
+
+
+@pytest.mark.parametrize("content, culprits", [
+    ({"x_000000_000000": ["sky"]}, ["x_000000_000001", "no entry"]),
+    ({"x_000000_000000": ["sky"], "x_000000_000001": ["tree"]}, ["x_000000_000001", "'tree'", "vegetation"]),
+    ('{"x_000000_000000": ["sky"],', ["not JSON"]),
+    (["sky"], ["JSON object"]),
+])
+def test_image_labels_errors_name_the_file_and_entry(content, culprits, tree, tmp_path, capsys):
+    tags = tmp_path / "tags.json"
+    tags.write_text(content if isinstance(content, str) else json.dumps(content))
+    code, err = run_carb(capsys, *small_argv(tree, tmp_path, "--image-labels", tags))
+    assert_one_line_error(code, err, "--image-labels", tags, *culprits)
+    assert not (tmp_path / "run").exists()
+
+
+def test_simulated_clip_is_refused_for_other_classes(tmp_path, capsys):
+    root = write_flat_tree(tmp_path / "camvid", "camvid")
+    code, err = run_carb(capsys, "--data", "camvid", "--data-root", root, "--out", tmp_path / "run",
+                         "--clip-model", "simulated", "--cache-dir", tmp_path / "cache")
+    assert_one_line_error(code, err, "--clip-model simulated", "--data camvid")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_data_is_a_one_line_error(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    argv = trained["argv"](out, 6, "--resume")
+    argv[argv.index("--data") + 1] = "wilddash2"
+    code, err = run_carb(capsys, *argv)
+    assert_one_line_error(code, err, out / "last.pth", "--data cityscapes")
+
+
+def test_eval_refuses_a_checkpoint_of_other_classes(trained, tmp_path):
+    root = write_flat_tree(tmp_path / "camvid", "camvid")
+    with pytest.raises(carb.CarbError, match="trained with --data cityscapes.*pass --data cityscapes"):
+        run_eval("--data", "camvid", "--data-root", root, "--ckpt", trained["run"] / "last.pth")
+
+
+def test_readme_wilddash2_conversion(tmp_path):
+    """The README's WildDash2 snippet, on a fake export: WildDash2 labelIds -> the 25 class indices, img/ + mask/."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    start = readme.index("```python\n# wd2_to_carb.py") + len("```python\n")
+    script = tmp_path / "wd2_to_carb.py"
+    script.write_text(readme[start:readme.index("```", start)])
+    wd2, label_ids, out = tmp_path / "wd_public_v2p0", tmp_path / "labelIds", tmp_path / "wilddash2"
+    (wd2 / "images").mkdir(parents=True)
+    label_ids.mkdir()
+    # WildDash2 ids: 0 unlabeled, 1 ego vehicle, 7 road, 29 caravan (not evaluated), 38 road-marking
+    for name, values in (("a", [0, 1, 7, 29, 38]), ("b", [7, 7, 1, 1, 34])):
+        Image.fromarray(np.zeros((1, 5, 3), np.uint8)).save(wd2 / "images" / f"{name}.jpg")
+        Image.fromarray(np.array([values], np.uint8)).save(label_ids / f"{name}_labelIds.png")
+    (tmp_path / "val.txt").write_text("b\n")
+    r = subprocess.run([sys.executable, script, wd2, label_ids, out, tmp_path / "val.txt"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (_, a_label), (_, b_label) = (carb.list_split(str(out), split, "wilddash2") for split in ("train", "val"))
+    assert carb.read_train_ids(a_label[0], "wilddash2").tolist() == [[255, 0, 1, 255, 24]]
+    assert carb.read_train_ids(b_label[0], "wilddash2").tolist() == [[1, 1, 0, 0, 20]]
