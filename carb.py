@@ -29,11 +29,13 @@ import pickle
 import shlex
 import signal
 import sys
+import time
 import warnings
 from glob import glob
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -299,11 +301,13 @@ class WeakTrainSet(torch.utils.data.Dataset):
 
     Augmentation as the official Cityscapes config: rescale to base_size x U(scale_range) (aspect kept),
     random crop, horizontal flip, photometric distortion, pad to the crop size. Randomness comes from
-    (seed, sample number k), not from a worker's global state, so runs are reproducible and resumable."""
+    (seed, sample number k), not from a worker's global state, so runs are reproducible and resumable.
+    With `global_masks` (PNG paths, --global-masks precompute) each image's precomputed pseudo-mask gets the same
+    rescale (nearest), crop and flip, padding 255, and comes as a fourth item."""
 
-    def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True):
+    def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None):
         self.images, self.labels, self.seed, self.photometric = images, labels, seed, photometric
-        self.crop, self.base_size, self.scale_range = crop, base_size, scale_range
+        self.crop, self.base_size, self.scale_range, self.global_masks = crop, base_size, scale_range, global_masks
 
     def __len__(self):
         return len(self.images)
@@ -312,32 +316,42 @@ class WeakTrainSet(torch.utils.data.Dataset):
         k, i = item  # (global sample number, image index), from InfiniteSampler
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         img = read_image(self.images[i])
+        mask = None if self.global_masks is None else decode_image(torchvision.io.read_file(self.global_masks[i]))
         # mmseg Resize(img_scale=(long, short), ratio_range, keep_ratio): fit the image inside the scaled base size
         lo, hi = self.scale_range
         r = lo + (hi - lo) * torch.rand((), generator=g).item()
         h, w = img.shape[-2:]
         s = min(r * max(self.base_size) / max(h, w), r * min(self.base_size) / min(h, w))
         img = TF.resize(img, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
+        if mask is not None:
+            mask = TF.resize(mask, list(img.shape[-2:]), interpolation=TF.InterpolationMode.NEAREST)
         # random crop, flip, colour
         h, w = img.shape[-2:]
         ch, cw = min(self.crop[0], h), min(self.crop[1], w)
         top = torch.randint(0, h - ch + 1, (), generator=g).item()
         left = torch.randint(0, w - cw + 1, (), generator=g).item()
         img = img[:, top:top + ch, left:left + cw]
-        if torch.rand((), generator=g).item() < 0.5:
+        flip = torch.rand((), generator=g).item() < 0.5
+        if flip:
             img = img.flip(-1)
         if self.photometric:
             img = photometric_distortion(img.float(), g).round().to(torch.uint8)
         img = F.pad(img, (0, self.crop[1] - cw, 0, self.crop[0] - ch))  # padded pixels are ignored by every loss
+        if mask is not None:
+            mask = mask[0, top:top + ch, left:left + cw]
+            mask = F.pad(mask.flip(-1) if flip else mask, (0, self.crop[1] - cw, 0, self.crop[0] - ch), value=255)
+            return img, self.labels[i].float(), torch.tensor([ch, cw]), mask
         return img, self.labels[i].float(), torch.tensor([ch, cw])
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
     """Yields (k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation.
-    Batch t holds samples t*B .. t*B+B-1, so resuming at iteration t just starts at k = t*B."""
+    Batch t holds samples t*B .. t*B+B-1, so resuming at iteration t just starts at k = t*B.
+    Under torchrun (world N ranks of batch B) the stream is that of one process with batch N*B, cut into runs of B
+    samples dealt to the ranks in turn: rank r keeps k with (k // B) % N == r, and starts at k = t*N*B."""
 
-    def __init__(self, n, seed, start=0):
-        self.n, self.seed, self.start = n, seed, start
+    def __init__(self, n, seed, start=0, rank=0, world=1, batch=1):
+        self.n, self.seed, self.start, self.rank, self.world, self.batch = n, seed, start, rank, world, batch
 
     def __iter__(self):
         k, perm = self.start, None
@@ -345,7 +359,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
             epoch, j = divmod(k, self.n)
             if j == 0 or perm is None:
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            yield k, perm[j].item()
+            if k // self.batch % self.world == self.rank:
+                yield k, perm[j].item()
             k += 1
 
 
@@ -575,10 +590,12 @@ def maskclip_scores(clip_model, images, text_classifier):
 
 def pseudo_mask(scores, image_labels, size):
     """scores [B,C,h,w] -> [B,H,W] long: bilinear upsampling, then argmax over each image's labelled classes only.
-    Absent classes can never win; an image without labels is all ignore (255)."""
-    scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
-    scores = scores.masked_fill(image_labels[:, :, None, None] == 0, float("-inf"))
-    mask = scores.argmax(1)
+    Absent classes can never win; an image without labels is all ignore (255). Channels-last (each pixel's C
+    scores side by side, kept by the in-place fill) makes the upsampling and the argmax several times faster on a
+    CPU."""
+    scores = F.interpolate(scores.float().contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                           align_corners=False)
+    mask = scores.masked_fill_(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
     mask[image_labels.sum(1) == 0] = 255
     return mask
 
@@ -641,6 +658,34 @@ def local_pseudo_mask(scorer, clip_images, image_labels, window):
     patch = clip_images[:, :, top:top + h, left:left + w]
     patch = F.interpolate(patch, size=(int(h * m), int(w * m)), mode="bilinear", align_corners=False)
     return pseudo_mask(scorer(patch), image_labels, (h, w))
+
+
+@torch.no_grad()
+def precompute_global_masks(scorer, classifier, images, labels, base_size, clip_model, cache_dir, device,
+                            rank=0, world=1):
+    """--global-masks precompute, the official code's "single path": each training image's global pseudo-mask is
+    computed once -- CLIP on the whole image rescaled to the base size (the training rescale at ratio 1),
+    restricted to the image's labels -- and kept as a PNG of trainIds, which WeakTrainSet rescales, crops and flips
+    with its image (nearest). The local window stays online. The folder's key covers the image list, their labels,
+    the CLIP model (name and text classifier) and the base size. Only missing files are computed, each rank doing
+    every world-th image, so an interrupted precomputation goes on where it stopped. Returns the paths, in order."""
+    model = os.path.abspath(clip_model) if os.path.isfile(clip_model) else clip_model
+    key = hashlib.sha1(repr(([os.path.abspath(p) for p in images], model, tuple(base_size))).encode()
+                       + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, f"global_masks_{key}")
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"{i:05d}_{image_id(p)}.png") for i, p in enumerate(images)]
+    todo = [i for i in range(rank, len(images), world) if not os.path.isfile(paths[i])]
+    for i in tqdm(todo, desc="global pseudo-masks", leave=False, disable=rank > 0):
+        img = read_image(images[i])
+        h, w = img.shape[-2:]
+        s = min(max(base_size) / max(h, w), min(base_size) / min(h, w))  # as WeakTrainSet's rescale at ratio 1
+        size = [max(1, round(h * s)), max(1, round(w * s))]
+        x = TF.resize(img, size, antialias=True)[None].to(device).float() / 255
+        mask = pseudo_mask(scorer(normalize(x, CLIP_MEAN, CLIP_STD)), labels[i:i + 1].to(device), size)[0]
+        Image.fromarray(mask.to(torch.uint8).cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
+        os.replace(paths[i] + ".tmp", paths[i])  # a file that exists is complete
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -761,30 +806,39 @@ def poly_lr(it, iters, base_lr, min_lr, power=0.9):
     return (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
 
 
-def train_one_step(model, scorer, batch, window, carb_on, region_weight, device):
+def train_one_step(model, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
     """One CARB iteration (forward and loss). Returns the loss and the terms to log. `region_weight` is a
-    RegionBalancer or a float; `window` None trains the global view only (the ablation's --no-local-view)."""
-    images, image_labels, valid_hw = (t.to(device, non_blocking=True) for t in batch)
+    RegionBalancer or a float; `window` None trains the global view only (the ablation's --no-local-view). A batch
+    of 4 carries the precomputed global pseudo-mask (--global-masks precompute). `tick(phase)`: a Stopwatch."""
+    images, image_labels, valid_hw, *precomputed = (t.to(device, non_blocking=True) for t in batch)
     x = images.float() / 255
     rows, cols = torch.arange(x.shape[-2], device=device), torch.arange(x.shape[-1], device=device)
     padded = (rows[None, :, None] >= valid_hw[:, 0, None, None]) | (cols[None, None, :] >= valid_hw[:, 1, None, None])
+    tick("data wait")
 
     # pseudo-masks: CLIP on the whole crop (global) and on the up-scaled window (local)
     clip_x = normalize(x, CLIP_MEAN, CLIP_STD)
-    global_mask = pseudo_mask(scorer(clip_x), image_labels, x.shape[-2:]).masked_fill(padded, 255)
+    if precomputed:  # already restricted to the labels, augmented with the image, padding 255
+        global_mask = precomputed[0].long()
+    else:
+        global_mask = pseudo_mask(scorer(clip_x), image_labels, x.shape[-2:]).masked_fill(padded, 255)
+    tick("CLIP global")
     if window is not None:
         top, left, h, w, _ = window
         local_mask = local_pseudo_mask(scorer, clip_x, image_labels, window)
         local_mask = local_mask.masked_fill(padded[:, top:top + h, left:left + w], 255)
+    tick("CLIP local")
 
     seg_x = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     if device.type == "cuda":
         seg_x = seg_x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(seg_x)
+    tick("segmentation forward+backward")
 
     with torch.no_grad():  # for the log (the paper's Fig. 5): R_c and R_i of the global view, as carb_loss draws them
-        prediction = logits.masked_fill(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
+        prediction = logits.clone(memory_format=torch.channels_last)  # a faster argmax, as in pseudo_mask
+        prediction = prediction.masked_fill_(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
         valid = global_mask != 255
         n = max(valid.sum().item(), 1)
         logs = {"consistent": (valid & (prediction == global_mask)).sum().item() / n,
@@ -803,6 +857,52 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device)
         logs["local"] = loss_l.item()
         loss = loss + loss_l
     return loss, logs
+
+
+class Stopwatch:
+    """--profile: `watch(phase)` charges the wall time since the previous call to `phase`. On CUDA it synchronizes
+    first, so each phase is charged with its own kernels rather than the ones queued before it. Disabled, it only
+    returns (the default run pays nothing)."""
+
+    STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
+            "optimizer"]
+
+    def __init__(self, device, enabled):
+        self.device, self.enabled, self.totals, self.last = device, enabled, {}, time.perf_counter()
+
+    def __call__(self, phase):
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def table(self, steps):
+        """The phases of the step over `steps` iterations, then what ran between steps, then the ratio of the full
+        step to a segmentation-only step (forward, backward, optimizer: training on fixed masks)."""
+        step = sum(self.totals.get(p, 0.0) for p in self.STEP)
+        lines = [f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"]
+        for phase in self.STEP + ["step"]:
+            t = step if phase == "step" else self.totals.get(phase, 0.0)
+            lines.append(f"{phase:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}")
+        other = sum(t for p, t in self.totals.items() if p not in self.STEP)
+        lines.append(f"{'(between steps: val, checkpoints)':<34}{other:>10.2f}")
+        seg = self.totals.get("segmentation forward+backward", 0.0) + self.totals.get("optimizer", 0.0)
+        lines.append(f"step / segmentation-only step: {step / max(seg, 1e-9):.2f}  ({steps} steps)")
+        return "\n".join(lines)
+
+
+class DistributedRegionBalancer(RegionBalancer):
+    """RegionBalancer under torchrun: each rank's CE(R_c) and CE(R_i) are averaged over the ranks before they enter
+    the window, so every rank holds the same history and uses the same w (and rank 0's checkpoint holds it). The
+    average of the per-rank means is the whole batch's mean when the ranks' regions are of equal size."""
+
+    def __call__(self, consistent_ce, inconsistent_ce):
+        ces = torch.stack([consistent_ce, inconsistent_ce]).float()
+        dist.all_reduce(ces)
+        return super().__call__(*(ces / dist.get_world_size()).tolist())
 
 
 @torch.no_grad()
@@ -1049,6 +1149,8 @@ DEFAULTS = {
                       photometric=False),
 }
 SYNTHETIC_SIZES = dict(n_train=300, n_val=40)
+# --benchmark: the Cityscapes model and schedule at a quarter of the official crop (and window), batch 2.
+BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="resnet50", optimizer="sgd", lr=0.005)
 
 
 def get_args_parser():
@@ -1093,7 +1195,16 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help=d("workers"))
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "carb"),
-                   help="image-level labels and CLIP text embeddings are cached here")
+                   help="image-level labels, CLIP text embeddings and precomputed global masks are cached here")
+    p.add_argument("--global-masks", choices=["online", "precompute"], default="online",
+                   help="online: CLIP labels each training crop (the official dual path); precompute: each training "
+                        "image once at the base size, cached in --cache-dir and augmented with its image (the "
+                        "official single path); the window's local mask is online in both")
+    p.add_argument("--profile", action="store_true",
+                   help="time each phase of the step (CUDA synchronized) and print a table after training")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time a step of DeepLabV3-ResNet-50 + CLIP ViT-B/16 with random weights (no data, no "
+                        "downloads; crop 256 512, batch 2 unless given) against its parts timed alone, and exit")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.pth (exactly: same losses and weights as without "
                         "the interruption); pass the run's other arguments again")
@@ -1102,7 +1213,7 @@ def get_args_parser():
 
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
-    for key, value in DEFAULTS[args.data].items():
+    for key, value in (DEFAULTS[args.data] | (BENCHMARK if args.benchmark else {})).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -1163,7 +1274,21 @@ def build_scorer(args, device):
     key = hashlib.sha1(repr((os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model)
                              else args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]
     classifier = text_classifier(clip_model, names, os.path.join(args.cache_dir, f"text_{key}.pt"))
-    return (lambda images: maskclip_scores(clip_model, images, classifier)), classifier
+    on_device = classifier.to(device)  # once: a copy from pageable memory at every call would stall the GPU queue
+    return (lambda images: maskclip_scores(clip_model, images, on_device)), classifier
+
+
+def init_distributed(device):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) join the process group: NCCL with one GPU
+    per process, gloo on CPU. Returns (rank, world size, this process's device); (0, 1, device) without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 class Interrupted(Exception):
@@ -1185,8 +1310,10 @@ def main(args):
                                 f"{getattr(args, key)}: pass the run's own --{key}")
         if ckpt["iteration"] > args.iters:
             raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
-    device = torch.device(args.device)
+    rank, world, device = init_distributed(torch.device(args.device))
     torch.manual_seed(args.seed)
+    if rank > 0:  # rank 0 writes the synthetic data and the caches first; the others then read them
+        dist.barrier()
     if args.data == "synthetic":
         make_synthetic(args.data_root, size=DEFAULTS["synthetic"]["base_size"], **SYNTHETIC_SIZES)
     class_names = DATASETS[args.data].classes
@@ -1208,7 +1335,17 @@ def main(args):
                                              worker_init_fn=worker_init)
 
     scorer, classifier = build_scorer(args, device)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    if args.global_masks == "precompute":
+        train_set.global_masks = precompute_global_masks(scorer, classifier, train_images, image_labels,
+                                                         args.base_size, args.clip_model, args.cache_dir, device,
+                                                         rank, world)
+        if world > 1:  # every rank's share is written
+            dist.barrier()
     model = Segmenter(args.backbone, classifier, args.backbone_weights).to(device)
+    if world > 1 and device.type == "cuda":  # one BatchNorm over all GPUs' images, as one GPU with N*B images
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if args.optimizer == "sgd":  # the official schedule
@@ -1216,6 +1353,8 @@ def main(args):
     else:  # synthetic default: a from-scratch backbone learns several times faster with AdamW in a short run
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     balancer = RegionBalancer() if args.region_weight == "adaptive" else None
+    if balancer and world > 1:  # fed the CEs averaged over the ranks: one w for all
+        balancer = DistributedRegionBalancer()
     region_weight = balancer if balancer else float(args.region_weight)
 
     start, best, miou = 0, -1.0, None
@@ -1233,7 +1372,7 @@ def main(args):
         if balancer and ckpt.get("balancer"):
             balancer.load_state_dict(ckpt["balancer"])
         start, best, miou = ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]
-    else:
+    elif rank == 0:
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:
@@ -1247,24 +1386,37 @@ def main(args):
                      "balancer": balancer.state_dict() if balancer else None, "miou": miou,
                      "best_miou": max(best, -1.0 if miou is None else miou), "args": vars(args)}, path)
 
-    log_file, log = open_log(os.path.join(args.out, "log.csv"), start)
+    # rank 0 alone writes log.csv, checkpoints and pictures, and prints
+    if rank == 0:
+        log_file, log = open_log(os.path.join(args.out, "log.csv"), start)
+    else:
+        log_file = open(os.devnull, "w")
+        log = csv.writer(log_file)
+    sampler = InfiniteSampler(len(train_set), args.seed, start * args.batch_size * world, rank, world, args.batch_size)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=InfiniteSampler(len(train_set), args.seed, start * args.batch_size),
+        train_set, batch_size=args.batch_size, sampler=sampler,
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         worker_init_fn=worker_init)
     batches = iter(loader)
-    model.train()
+    # torchrun: gradients averaged over the ranks in backward, so every rank takes the same step
+    ddp_model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model.train()
 
-    # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual.
+    # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
+    # except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
     stop, handlers = [], {}
 
     def request_stop(signum, frame):
         stop.append(signum)
-        signal.signal(signum, handlers[signum])
+        if world == 1:
+            signal.signal(signum, handlers[signum])
 
     for s in (signal.SIGINT, signal.SIGTERM):
         handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
-    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", dynamic_ncols=True,
+               disable=rank > 0)
+    watch = Stopwatch(device, args.profile)
     try:
         for it in bar:
             lr = poly_lr(it, args.iters, args.lr, args.min_lr)
@@ -1274,21 +1426,24 @@ def main(args):
             # and the batch from (seed, sample number): a resumed run repeats the uninterrupted one, any --workers.
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             window = sample_window(args.crop, args.window, *args.multiplier, g)  # drawn even if unused: the
-            torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item())  # ablation variants share randomness
-            carb_on = it >= args.carb_start
-            loss, logs = train_one_step(model, scorer, next(batches), None if args.no_local_view else window,
-                                        carb_on, balancer or region_weight, device)
+            torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item() + rank)  # variants share randomness;
+            carb_on = it >= args.carb_start                                          # own dropout per rank
+            loss, logs = train_one_step(ddp_model, scorer, next(batches), None if args.no_local_view else window,
+                                        carb_on, balancer or region_weight, device, watch)
+            watch("CARB loss and balancer")
             if not math.isfinite(loss.item()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
                 raise CarbError(f"non-finite loss at iteration {it} ({terms}); {last} was not overwritten: "
                                 "lower --lr, or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            watch("segmentation forward+backward")
             optimizer.step()
+            watch("optimizer")
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "inconsistent"} | {"lr": f"{lr:.2e}"})
 
             done = it + 1
-            validate = done % args.val_every == 0 or done == args.iters
+            validate = rank == 0 and (done % args.val_every == 0 or done == args.iters)
             if validate:
                 miou = mean_iou(evaluate(model, val_loader, num_classes, device))
                 tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
@@ -1300,8 +1455,14 @@ def main(args):
                 if miou > best:
                     best = miou
                     save(best_path, done)
+            if world > 1:  # all ranks stop after the same iteration, whichever got the signal
+                signum = torch.tensor(stop[:1] or [0], device=device)
+                dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+                if not stop:
+                    stop.extend(s for s in signum.tolist() if s)
+            watch("between steps")
             if stop:
-                if not validate:
+                if rank == 0 and not validate:
                     save(last, done)
                 bar.n = done  # the bar counts an iteration when the next one starts
                 bar.refresh()
@@ -1312,6 +1473,10 @@ def main(args):
             signal.signal(s, handler)
         log_file.close()
         bar.close()
+    if rank > 0:
+        return None
+    if args.profile:
+        print(watch.table(args.iters - start))
 
     # The paper's two numbers on the val split: CLIP's pseudo-masks and the trained model.
     pseudo_iou = evaluate_pseudo_masks(scorer, val_loader, num_classes, device)
@@ -1367,18 +1532,117 @@ def ablation(argv):
     return results
 
 
+def benchmark(args, reps=3):
+    """python carb.py --benchmark: one step of the paper's networks -- DeepLabV3 (--backbone, default ResNet-50) and
+    CLIP ViT-B/16 built by clip.model.build_model from a random state dict -- on random images, no data and no
+    downloads, against its unavoidable parts each timed alone: CLIP on the crop, CLIP on the up-scaled window, and
+    the segmentation step (forward, backward, SGD step). The CARB-specific work (pseudo-masks restricted to the
+    labels, consistency split, both losses and their backward to the logits, balancer) is timed as the step with
+    both networks replaced by their saved outputs. Medians of `reps` rounds after one warm-up round."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import clip.model
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    vit_b16 = clip.model.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                              vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                              transformer_heads=8, transformer_layers=12)
+    clip_model = clip.model.build_model(vit_b16.state_dict()).to(device).requires_grad_(False)  # fp16, as clip.load
+    if device.type == "cpu":
+        clip_model.float()
+    classifier = F.normalize(torch.randn(len(CLASS_NAMES), 512), dim=-1).to(device)
+    scorer = functools.partial(maskclip_scores, clip_model, text_classifier=classifier)
+    model = Segmenter(args.backbone, classifier).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    balancer = RegionBalancer()
+    (H, W), B = args.crop, args.batch_size
+    images = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8)
+    labels = (torch.rand(B, len(CLASS_NAMES)) < 0.5).float()
+    batch = (images, labels, torch.tensor([[H, W]] * B))
+    top, left, h, w, _ = sample_window(args.crop, args.window, *args.multiplier, torch.Generator().manual_seed(0))
+    window = (top, left, h, w, args.multiplier[1] + args.multiplier[0] / 2)  # m at its mean, the same every round
+
+    def step(batch, model=model, scorer=scorer):  # main's iteration, less the data loader and the log
+        loss, _ = train_one_step(model, scorer, batch, window, True, balancer, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # the parts' inputs, made as train_one_step makes them
+    x = images.to(device).float() / 255
+    clip_x = normalize(x, CLIP_MEAN, CLIP_STD)
+    patch = F.interpolate(clip_x[:, :, top:top + h, left:left + w], size=(int(h * window[4]), int(w * window[4])),
+                          mode="bilinear", align_corners=False)
+    seg_x = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    if device.type == "cuda":
+        seg_x = seg_x.contiguous(memory_format=torch.channels_last)
+
+    def segmentation_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(seg_x)
+        optimizer.zero_grad(set_to_none=True)
+        logits.float().mean().backward()
+        optimizer.step()
+
+    scores = [scorer(clip_x), scorer(patch)]
+    with torch.no_grad():
+        logits = model(seg_x).float().requires_grad_()
+    batch_precomputed = batch + (pseudo_mask(scores[0], labels.to(device), (H, W)).to(torch.uint8).cpu(),)
+
+    def carb_work():
+        saved = iter(scores)
+        step(batch, model=lambda seg_x: logits, scorer=lambda clip_images: next(saved))
+
+    unavoidable = {"CLIP global (crop)": lambda: scorer(clip_x), "CLIP local (window)": lambda: scorer(patch),
+                   "segmentation step (fwd+bwd+SGD)": segmentation_step}
+    parts = unavoidable | {"full step": lambda: step(batch), "CARB-specific work": carb_work,
+                           "full step, --global-masks precompute": lambda: step(batch_precomputed)}
+    times = {name: [] for name in parts}
+    for r in tqdm(range(reps + 1), desc="benchmark", leave=False):
+        for name, fn in parts.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r:  # round 0 warms up
+                times[name].append(time.perf_counter() - t)
+    t = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    t["sum of the unavoidable parts"] = sum(t[name] for name in unavoidable)
+    print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}\ncrop {H}x{W}, batch {B}, window {h}x{w} "
+          f"up-scaled x{window[4]:g}; medians of {reps} rounds after a warm-up round")
+    for name in [*unavoidable, "sum of the unavoidable parts", "full step", "CARB-specific work"]:
+        print(f"  {name:<38}{t[name]:8.3f} s" + ("   (alone)" if name in unavoidable else ""))
+    precomputed = t["full step, --global-masks precompute"]
+    print(f"  {'full step, --global-masks precompute':<38}{precomputed:8.3f} s   "
+          f"({t['full step'] / precomputed:.2f}x faster)")
+    print(f"step/unavoidable: {t['full step'] / t['sum of the unavoidable parts']:.2f}")
+    print(f"carb share: {100 * t['CARB-specific work'] / t['full step']:.1f}%")
+
+
 def run(argv=None):
     """The command line: bad input is one line on stderr and exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""
     script = sys.argv[0] if argv is None else "carb.py"
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         args = parse_args(argv)
-        ablation(argv) if args.ablation else main(args)
+        if args.ablation:
+            ablation(argv)
+        else:
+            (benchmark if args.benchmark else main)(args)
         return
     except CarbError as e:
         message, code = f"carb.py: error: {e}", 2
     except Interrupted as e:
-        command = shlex.join(["python", script, *[a for a in argv if a != "--resume"], "--resume"])
+        if int(os.environ.get("RANK", 0)) > 0:  # rank 0 reports and exits 128 + signal; if this rank exited
+            return                              # non-zero first, torchrun would kill rank 0 before it could
+        launcher = (["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if "LOCAL_WORLD_SIZE"
+                    in os.environ else ["python"])
+        command = shlex.join([*launcher, script, *[a for a in argv if a != "--resume"], "--resume"])
         message = (f"carb.py: stopped by {signal.Signals(e.signum).name} after iteration {e.iteration}; saved "
                    f"{e.path}\ncarb.py: to continue: {command}")
         code = 128 + e.signum
@@ -1388,6 +1652,9 @@ def run(argv=None):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         message, code = f"carb.py: error: disk full ({e}): free space, then run again with --resume", 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     print(message, file=sys.stderr)
     sys.exit(code)
 

@@ -1586,3 +1586,219 @@ def test_readme_wilddash2_conversion(tmp_path):
     (_, a_label), (_, b_label) = (carb.list_split(str(out), split, "wilddash2") for split in ("train", "val"))
     assert carb.read_train_ids(a_label[0], "wilddash2").tolist() == [[255, 0, 1, 255, 24]]
     assert carb.read_train_ids(b_label[0], "wilddash2").tolist() == [[1, 1, 0, 0, 20]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Performance and scale: precomputed global masks, --profile, --benchmark, torchrun
+# ---------------------------------------------------------------------------------------------------
+
+def test_infinite_sampler_ranks_deal_out_the_single_process_stream():
+    """N ranks of batch B: at iteration t the ranks' batches together are the one-process batch t of size N*B
+    (same samples k, same images), rank r holding its r-th run of B; resuming at t starts every rank there."""
+    n, B, N = 5, 3, 2
+    take = lambda sampler, count: [s for _, s in zip(range(count), sampler)]  # noqa: E731
+    single = take(carb.InfiniteSampler(n, seed=1, start=0), 4 * N * B)
+    ranks = [take(carb.InfiniteSampler(n, seed=1, start=0, rank=r, world=N, batch=B), 4 * B) for r in range(N)]
+    for t in range(4):
+        for r in range(N):
+            assert ranks[r][t * B:(t + 1) * B] == single[t * N * B + r * B:t * N * B + (r + 1) * B]
+    resumed = take(carb.InfiniteSampler(n, seed=1, start=2 * N * B, rank=1, world=N, batch=B), B)
+    assert resumed == ranks[1][2 * B:3 * B]
+
+
+QUADRANTS = {(255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3, (255, 255, 0): 4}  # colour -> class in the mask
+
+
+def test_global_mask_gets_its_images_rescale_crop_flip_and_padding(tmp_path):
+    """An image of four coloured quadrants and a mask of the same quadrants: wherever an augmented pixel still has
+    a pure quadrant colour, the augmented mask holds that quadrant's class; padding is 255 exactly where valid_hw
+    says; the image is the same crop as without the mask (the mask takes no randomness)."""
+    img, mask = np.zeros((64, 128, 3), np.uint8), np.zeros((64, 128), np.uint8)
+    top, bottom, left, right = slice(0, 24), slice(24, None), slice(0, 40), slice(40, None)
+    for (colour, cls), (rows, cols) in zip(QUADRANTS.items(), [(top, left), (top, right), (bottom, left),
+                                                               (bottom, right)]):
+        img[rows, cols], mask[rows, cols] = colour, cls
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    args = dict(images=[str(tmp_path / "a.png")], labels=torch.ones(1, C), crop=(48, 96), base_size=(64, 128),
+                scale_range=(0.5, 2.0), seed=0, photometric=False)
+    with_mask = carb.WeakTrainSet(**args, global_masks=[str(tmp_path / "a_mask.png")])
+    padded = flipped = 0
+    for k in range(40):
+        image, _, valid_hw, m = with_mask[(k, 0)]
+        assert torch.equal(image, carb.WeakTrainSet(**args)[(k, 0)][0])
+        assert m.dtype == torch.uint8 and m.shape == (48, 96)
+        h, w = valid_hw.tolist()
+        assert m[h:].eq(255).all() and m[:, w:].eq(255).all() and set(m[:h, :w].unique().tolist()) <= {1, 2, 3, 4}
+        padded += h < 48 or w < 96
+        pixels = image.permute(1, 2, 0)
+        for colour, cls in QUADRANTS.items():
+            pure = (pixels == torch.tensor(colour, dtype=torch.uint8)).all(-1)
+            assert m[pure].eq(cls).all(), (k, cls)
+        flipped += bool(m[:h, :w][0, 0] == 2 or m[:h, :w][-1, 0] == 4)  # a right quadrant on the left: flipped
+    assert padded and flipped  # both cases were seen
+
+
+def test_precompute_global_masks_restricted_sharded_and_cached(tree, tmp_path):
+    images, gts = carb.list_split(str(tree), "train")
+    labels = carb.image_level_labels(gts, C, str(tmp_path / "cache"))
+    sim = carb.SimulatedCLIP()
+    calls = []
+
+    def scorer(x):
+        calls.append(tuple(x.shape))
+        return sim(x)
+
+    args = (sim.text_classifier, images, labels, (48, 96), "simulated", str(tmp_path / "cache"), "cpu")
+    paths = carb.precompute_global_masks(scorer, *args, rank=1, world=2)  # rank 1 of 2: image 1 only
+    assert calls == [(1, 3, 48, 96)] and [os.path.isfile(p) for p in paths] == [False, True]
+    assert carb.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # then image 0 alone
+    for path, ids in zip(paths, TRAIN_EXPECTED):
+        mask = np.array(Image.open(path))
+        assert mask.shape == (48, 96)  # 64x128 at base size 48x96
+        assert set(np.unique(mask).tolist()) <= ids  # restricted to the image-level labels
+    assert carb.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # cached: no CLIP call
+    other = carb.precompute_global_masks(scorer, sim.text_classifier, images, labels, (64, 128), "simulated",
+                                         str(tmp_path / "cache"), "cpu")
+    assert os.path.dirname(other[0]) != os.path.dirname(paths[0])  # another base size, another folder
+
+
+def test_train_one_step_takes_the_global_mask_from_the_batch():
+    """Four items in the batch: CLIP runs once (on the window); the global loss is the CE against the given mask."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, C, 32, 64)
+    given = torch.randint(0, C, (1, 32, 64), dtype=torch.uint8)
+    given[:, :4] = 255
+    calls = []
+
+    def scorer(x):
+        calls.append(tuple(x.shape[-2:]))
+        return torch.zeros(x.shape[0], C, x.shape[-2] // 16, x.shape[-1] // 16)
+
+    batch = (torch.zeros(1, 3, 32, 64, dtype=torch.uint8), torch.ones(1, C), torch.tensor([[32, 64]]), given)
+    loss, logs = carb.train_one_step(lambda x: logits, scorer, batch, (0, 0, 16, 16, 1.0), False, None,
+                                     torch.device("cpu"))
+    assert calls == [(16, 16)]
+    expected = F.cross_entropy(logits, given.long(), ignore_index=255)
+    assert math.isclose(logs["global"], expected.item(), rel_tol=1e-5)
+
+
+def test_profile_and_precomputed_masks_run_end_to_end(tree, tmp_path, capsys):
+    carb.run([str(a) for a in small_argv(tree, tmp_path, "--profile", "--global-masks", "precompute")])
+    out = capsys.readouterr().out
+    table = out[out.index("phase"):]
+    for phase in carb.Stopwatch.STEP + ["step"]:
+        assert re.search(rf"^{re.escape(phase)}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", table, re.M), (phase, table)
+    assert re.search(r"^step / segmentation-only step: \d+\.\d\d  \(2 steps\)$", table, re.M)
+    assert len(list((tmp_path / "cache").glob("global_masks_*/*.png"))) == 2
+    assert re.search(r"^model mIoU: ", out, re.M)
+
+
+def test_benchmark_prints_its_two_lines(capsys):
+    """The benchmark's code path at toy size and one round (the real one takes minutes: README, Performance)."""
+    carb.benchmark(carb.parse_args(["--benchmark", "--device", "cpu", "--crop", "32", "64", "--window", "32", "16",
+                                    "--backbone", "mobilenet_v3_large"]), reps=1)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"step/unavoidable: \d+\.\d\d", lines[-2]) and re.fullmatch(r"carb share: \d+\.\d%", lines[-1])
+
+
+TORCHRUN_WRAPPER = '''
+import os, signal, sys, torch
+sys.path.insert(0, {repo!r})
+import carb
+
+kill_at, dumps, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+writes, seen, calls = [], {{}}, []
+
+
+def audit(event, args):  # every file this process creates, writes, renames or removes under the test's folder
+    if event == "open":
+        path, mode, flags = args
+        if not (flags & (os.O_WRONLY | os.O_RDWR) if mode is None else set(str(mode)) & set("wax+")):
+            return
+    elif event not in ("os.rename", "os.remove", "os.mkdir"):
+        return
+    if str(args[0]).startswith({watched!r}) and "writes" in seen:
+        writes.append((event, str(args[0])))
+
+
+def step(model, scorer, batch, window, carb_on, balancer, *rest):
+    seen["model"] = model
+    if carb_on:
+        seen["balancer"] = balancer
+    calls.append(1)
+    if len(calls) == kill_at and os.environ["RANK"] == "0":  # a SIGTERM to rank 0 alone, during this iteration
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(model, scorer, batch, window, carb_on, balancer, *rest)
+
+
+seen["writes"], code = True, 0
+sys.addaudithook(audit)
+real_step, carb.train_one_step = carb.train_one_step, step
+try:
+    carb.run(argv)
+except SystemExit as e:
+    code = e.code
+del seen["writes"]
+torch.save({{"params": dict(seen["model"].module.named_parameters()), "balancer": seen["balancer"].state_dict(),
+            "writes": writes}}, os.path.join(dumps, "rank" + os.environ["RANK"] + ".pt"))
+sys.exit(code)
+'''
+
+
+@pytest.fixture(scope="module")
+def torchrun(tmp_path_factory):
+    """torchrun with 2 processes, gloo on CPU, through a wrapper that records each rank's final parameters and
+    balancer and every file it writes; and one uninterrupted 4-iteration run."""
+    base = tmp_path_factory.mktemp("torchrun")
+    tree = write_tree(base / "cityscapes")
+    script = base / "rank.py"
+    script.write_text(TORCHRUN_WRAPPER.format(repo=REPO, watched=str(base)))
+
+    def launch(name, kill_at=0, *extra, script=script):
+        (base / name / "dumps").mkdir(parents=True, exist_ok=True)
+        argv = small_argv(tree, base / name, "--iters", 4, "--val-every", 2, *extra)
+        wrapper = [kill_at, base / name / "dumps"] if script.name == "rank.py" else []
+        r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *wrapper, *argv,
+                home=base)
+        ranks = [torch.load(p, weights_only=True) for p in sorted((base / name / "dumps").glob("rank*.pt"))]
+        return r, ranks, base / name / "run"
+
+    return dict(launch=launch, straight=launch("straight"))
+
+
+def test_torchrun_two_ranks_on_cpu_same_weights_only_rank_0_writes(torchrun):
+    """After 4 steps both ranks hold the same parameters (rank 0's checkpoint too) and the same balancer; rank 1
+    created, wrote, renamed or removed no file at all; rank 0 printed the result once."""
+    r, ranks, run = torchrun["straight"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(re.findall(r"^model mIoU: ", r.stdout, re.M)) == 1
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    assert ckpt["iteration"] == 4 and len(ckpt["balancer"]["consistent"]) == 3
+    for name, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][name]) and torch.equal(p, ckpt["model"][name]), name
+    assert ranks[0]["balancer"] == ranks[1]["balancer"] == ckpt["balancer"]
+    assert ranks[1]["writes"] == []
+    written = {os.path.relpath(path, run.parent) for _, path in ranks[0]["writes"]}
+    assert {"run/last.pth.tmp", "run/log.csv"} <= written
+    assert len((run / "log.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_torchrun_sigterm_to_one_rank_stops_both_and_resumes_exactly(torchrun):
+    """SIGTERM to rank 0 alone during iteration 2: both ranks stop after it, rank 0 saves and says how to continue;
+    the printed torchrun command, with another --workers, ends with the uninterrupted run's log.csv and weights."""
+    r, ranks, run = torchrun["launch"]("stopped", 3)
+    assert r.returncode != 0 and "Traceback" not in r.stderr.split("failed (exitcode")[0]  # torchrun's own follows
+    assert len(re.findall(rf"stopped by SIGTERM after iteration 3; saved {re.escape(str(run / 'last.pth'))}",
+                          r.stderr)) == 1
+    assert torch.load(run / "last.pth", weights_only=True)["iteration"] == 3
+    assert all(torch.equal(p, ranks[1]["params"][name]) for name, p in ranks[0]["params"].items())
+    command = shlex.split(re.search(r"to continue: (.*)", r.stderr).group(1))
+    assert command[:3] == ["torchrun", "--nproc_per_node=2", "carb.py"] and command[-1] == "--resume"
+    resumed = cli("-m", "torch.distributed.run", "--standalone", *command[1:], "--workers", 1, home=run.parent)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = torchrun["straight"][2]
+    assert (run / "log.csv").read_text() == (straight / "log.csv").read_text()
+    a, b = (torch.load(p / "last.pth", weights_only=True) for p in (run, straight))
+    assert a["iteration"] == b["iteration"] == 4 and a["balancer"] == b["balancer"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
