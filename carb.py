@@ -762,8 +762,9 @@ def carb_loss(logits, pseudo_mask, image_labels, weight):
         valid = pseudo_mask != 255
         consistent = valid & (pseudo_mask == prediction)
         inconsistent = valid & ~consistent
-    consistent_ce = masked_cross_entropy(logits, pseudo_mask, consistent)
-    inconsistent_ce = masked_cross_entropy(logits, pseudo_mask, inconsistent)
+    ce = torch.nn.functional.cross_entropy(logits.float(), pseudo_mask, ignore_index=255, reduction="none")
+    consistent_ce = (ce * consistent).sum() / consistent.sum().clamp(min=1)  # one CE map for both regions
+    inconsistent_ce = (ce * inconsistent).sum() / inconsistent.sum().clamp(min=1)
     if callable(weight):
         weight = weight(consistent_ce.detach(), inconsistent_ce.detach())
     loss = consistent_ce + weight * inconsistent_ce
