@@ -1441,7 +1441,7 @@ def main(args):
             watch("segmentation forward+backward")
             optimizer.step()
             watch("optimizer")
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "inconsistent"} | {"lr": f"{lr:.2e}"})
+            bar.set_postfix({k: f"{logs[k]:.3f}" for k in LOG_COLUMNS[2:-2] if k in logs} | {"lr": f"{lr:.2e}"})
 
             done = it + 1
             validate = rank == 0 and (done % args.val_every == 0 or done == args.iters)
