@@ -4,22 +4,22 @@ Kim, Lee, Choe, Shim, AAAI 2024 (arXiv 2312.13646); official code: github.com/k0
 
     python carb.py --data synthetic                                  # offline, CPU, a few minutes
     python carb.py --data cityscapes --data-root data/cityscapes     # the paper's setting, one GPU
-    python carb.py --data camvid --data-root data/camvid             # or wilddash2 (README: CamVid and WildDash2)
 
-The file reads like the paper:
-  1. Data           image + image-level labels only (the GT masks are read once, to list the classes present)
-  2. Pseudo-masks   MaskCLIP: CLIP ViT-B/16 labels every pixel with one of the image's classes
-  3. Global-local   CLIP also labels an up-scaled window of the crop (recovers small objects)
-  4. Model          torchvision DeepLabV3 whose classifier is CLIP's text embeddings
-  5. CARB loss      consistency-aware region balancing (copy-paste block, torch only)
-  6. Training       plain PyTorch loop, poly lr, validation mIoU and pictures, checkpoints
-  7. main()
+The method comes first, in the paper's order, and ends before line 400:
+  1. CLIP pseudo-masks   MaskCLIP: CLIP ViT-B/16 labels every pixel with one of the image's classes
+  2. Global-Local View   CLIP also labels an up-scaled window of the crop (recovers small objects)
+  3. Model               torchvision DeepLabV3 whose classifier is CLIP's text embeddings
+  4. CARB loss           consistency-aware region balancing (a copy-paste block that needs only torch)
+  5. One training step
+Then the experiment: data, the training loop, validation and pictures, the command line. Last, an appendix that is
+not part of the method: the synthetic stand-in (scenes, a simulated CLIP, a small backbone) for CPU-only demos.
 """
 import argparse
 import collections
 import csv
 import errno
 import functools
+import itertools
 import hashlib
 import json
 import math
@@ -41,11 +41,9 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from tqdm import tqdm
-
 
 class CarbError(Exception):
     """Bad input from the user: run() prints it as one line and exits with code 2."""
@@ -53,421 +51,11 @@ class CarbError(Exception):
     def __str__(self):  # raised in a DataLoader worker, it comes back with the worker's traceback above its line
         return super().__str__().rstrip().splitlines()[-1].split("CarbError: ", 1)[-1]
 
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`: at any instant
-    `path` is the complete old or the complete new file. A failed write (full disk) leaves `path` as it was."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise CarbError(f"cannot write {path} ({e.strerror or e}): free disk space, then run again "
-                            f"(with --resume for a run); {path} was left as it was") from None
-        raise
-
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # CLIP's input
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # the segmentation model's input
 
 # ---------------------------------------------------------------------------------------------------
-# 1. Data -- Cityscapes, CamVid, WildDash2; image-level labels only
-# ---------------------------------------------------------------------------------------------------
-
-# The 19 evaluation classes and the labelId -> trainId map, from the table torchvision ships.
-CITYSCAPES = [c for c in torchvision.datasets.Cityscapes.classes if not c.ignore_in_eval]
-CLASS_NAMES = [c.name for c in CITYSCAPES]
-PALETTE = [c.color for c in CITYSCAPES]
-LABEL_TO_TRAIN = torch.full((256,), 255, dtype=torch.uint8)
-TRAIN_TO_LABEL = torch.zeros(256, dtype=torch.uint8)  # and back; void (255) -> 0 "unlabeled", a miss when scored
-for _c in CITYSCAPES:
-    LABEL_TO_TRAIN[_c.id] = _c.train_id
-    TRAIN_TO_LABEL[_c.train_id] = _c.id
-# Valid values of a *_gtFine_labelIds.png: the labelIds 0..33, and 255 for -1 (licence plate) written as uint8.
-LABEL_IDS = sorted({c.id % 256 for c in torchvision.datasets.Cityscapes.classes})
-# The names CARB gives CLIP for those classes ("tree" for vegetation, "pedestrian" for person, ...).
-CLIP_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "tree",
-              "grass", "sky", "pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
-
-
-def class_indices(num_classes):
-    """The label -> train index table of label files that hold the class index itself (0..C-1, 255 = ignore)."""
-    lut = torch.full((256,), 255, dtype=torch.uint8)
-    lut[:num_classes] = torch.arange(num_classes, dtype=torch.uint8)
-    return lut
-
-
-# One class table and folder layout per dataset; everything else is shared. `images` and `labels` are globs under
-# --data-root with the same wildcards: an image's label file is the label glob with the image's own matches.
-Dataset = collections.namedtuple("Dataset", "classes clip_names palette images labels label_values to_train "
-                                            "label_desc")
-DATASETS = {
-    "cityscapes": Dataset(CLASS_NAMES, CLIP_NAMES, PALETTE, "leftImg8bit/{split}/*/*_leftImg8bit.png",
-                          "gtFine/{split}/*/*_gtFine_labelIds.png", LABEL_IDS, LABEL_TO_TRAIN,
-                          "Cityscapes labelIds 0-33 (255 = licence plate)"),
-    # The official CARB CamVid classes (11, void 255), in the SegNet palette (also the official one) and names.
-    "camvid": Dataset(
-        ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
-         "Bicyclist"],
-        ["sky", "building", "pole", "road", "sidewalk", "tree", "signsymbol", "fence", "car", "pedestrian",
-         "bicyclist"],
-        [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
-         (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)],
-        "img/{split}/*.png", "mask/{split}/*.png", list(range(11)) + [255], class_indices(11),
-        "CamVid class indices 0-10 or 255 = ignore (SegNet's files mark void as 11: map it to 255)"),
-    # The 25 evaluated WildDash2 classes, in WildDash2's id order and colours (its panoptic.json), as official CARB.
-    "wilddash2": Dataset(
-        ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
-         "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
-         "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"],
-        ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
-         "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
-         "bicycle", "pickup", "van", "billboard", "streetlight", "roadmarking"],
-        [(0, 20, 50), (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-         (180, 165, 180), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-         (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 0, 230),
-         (119, 11, 32), (40, 0, 100), (0, 40, 120), (174, 64, 67), (210, 170, 100), (196, 176, 128)],
-        "img/{split}/*.jpg", "mask/{split}/*_labelTrainIds.png", list(range(25)) + [255], class_indices(25),
-        "WildDash2 class indices 0-24 or 255 = ignore (convert WildDash2's labelIds as the README shows)"),
-}
-DATASETS["synthetic"] = DATASETS["cityscapes"]  # written as Cityscapes labelIds in the Cityscapes layout
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the segmentation model's input
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's input
-
-
-def normalize(images, mean, std):
-    """[B,3,H,W] in [0,1] -> normalized; done on the device so the two models each get their own statistics."""
-    return TF.normalize(images, list(mean), list(std))
-
-
-def list_split(root, split, data="cityscapes"):
-    """The image and label files of one split, in the dataset's layout (DATASETS)."""
-    ds = DATASETS[data]
-    images_glob, labels_glob = (os.path.join(root, p.format(split=split)) for p in (ds.images, ds.labels))
-    (head, *_, tail), (label_head, *_, label_tail) = images_glob.split("*"), labels_glob.split("*")
-    img_dir = os.path.dirname(head)
-    if not os.path.isdir(root):
-        raise CarbError(f"--data-root {root} does not exist: pass the folder that holds "
-                        f"{ds.images.split('/')[0]}/ and {ds.labels.split('/')[0]}/")
-    if not os.path.isdir(img_dir):
-        raise CarbError(f"{img_dir} not found: for --data {data}, --data-root must hold "
-                        f"{ds.images.format(split=split)} and {ds.labels.format(split=split)}")
-    images = sorted(glob(images_glob))
-    if not images:
-        raise CarbError(f"{img_dir} holds no {images_glob[len(img_dir) + 1:]} images: check --data-root and --data")
-    return images, [label_head + p[len(head):len(p) - len(tail)] + label_tail for p in images]
-
-
-def image_id(path):
-    """frankfurt_000000_000294 for .../frankfurt_000000_000294_leftImg8bit.png; other images: the file name's stem."""
-    name = os.path.basename(path)
-    return name[:-len("_leftImg8bit.png")] if name.endswith("_leftImg8bit.png") else os.path.splitext(name)[0]
-
-
-def read_image(path):
-    """uint8 [3,H,W]."""
-    try:
-        data = torchvision.io.read_file(path)
-    except (RuntimeError, OSError) as e:
-        raise CarbError(f"cannot read image {path} ({e}): check the file and its permissions") from None
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError:  # torchvision's message names its C++ source; say what it means
-        raise CarbError(f"cannot decode image {path}: truncated or not a PNG/JPEG; re-extract or remove it") from None
-
-
-def read_train_ids(path, data="cityscapes"):
-    """A label file of the dataset (Cityscapes: *_gtFine_labelIds.png) -> uint8 [H,W] of train indices (255 =
-    ignore)."""
-    ds = DATASETS[data]
-    try:
-        with Image.open(path) as f:
-            label = np.array(f)
-    except (OSError, ValueError) as e:
-        raise CarbError(f"cannot read label {path} ({e}): re-extract or remove it") from None
-    if label.ndim != 2:
-        raise CarbError(f"label {path} has {label.shape[-1]} channels: a label file is one channel of "
-                        f"{ds.label_desc} (a colour picture or an image in its place?)")
-    valid = np.zeros(256, bool)
-    valid[ds.label_values] = True
-    if label.dtype.kind not in "iu" or label.min() < 0 or label.max() > 255 or not valid[label].all():
-        bad = np.setdiff1d(np.unique(label), ds.label_values)
-        raise CarbError(f"label {path} holds values {bad[:5].tolist()} that are not {ds.label_desc}: another "
-                        f"dataset's labels, or the wrong --data {data}?")
-    return ds.to_train[torch.from_numpy(label.astype(np.uint8)).long()]
-
-
-def check_pairs(images, gts):
-    """Fail before training, not hours into it: every image has a label file of the same size. Reads only the
-    PNG headers (a truncated file is found when it is decoded, and named then)."""
-    missing = [g for g in gts if not os.path.isfile(g)]
-    if missing:
-        first = images[gts.index(missing[0])]
-        raise CarbError(f"{len(missing)} label files are missing, the first {missing[0]} (of {first}): every image "
-                        "needs its label file")
-    for img, gt in zip(images, gts):
-        sizes = []
-        for path in (img, gt):
-            try:
-                with Image.open(path) as f:
-                    sizes.append(f.size[::-1])
-            except (OSError, ValueError) as e:
-                raise CarbError(f"cannot read {path} ({e}): re-extract or remove it") from None
-        if sizes[0] != sizes[1]:
-            raise CarbError(f"{gt} is {sizes[1]} but its image {img} is {sizes[0]}: they must be the same size")
-
-
-def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None, data="cityscapes"):
-    """[N, C] uint8: which trainIds occur in each image. Computed once from the GT and cached; this is the only
-    thing training ever takes from the GT masks (the weak supervision of the paper). With `image_paths`, each
-    image is checked against its label file before the first computation. (The label files' paths, which differ
-    between the datasets' layouts, are the cache key.)"""
-    key = hashlib.sha1("\n".join(os.path.abspath(p) for p in gt_paths).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"image_labels_{key}.pt")
-    if os.path.isfile(cache):
-        try:
-            labels = torch.load(cache, weights_only=True)
-            if isinstance(labels, torch.Tensor) and labels.shape == (len(gt_paths), num_classes):
-                return labels
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-            pass  # a damaged cache is recomputed
-    if image_paths is not None:
-        check_pairs(image_paths, gt_paths)
-    labels = torch.zeros(len(gt_paths), num_classes, dtype=torch.uint8)
-    for i, p in enumerate(tqdm(gt_paths, desc="image-level labels", leave=False)):
-        present = read_train_ids(p, data).unique().long()
-        labels[i, present[present < num_classes]] = 1
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_save(labels, cache)
-    return labels
-
-
-def read_image_labels(path, image_paths, data="cityscapes"):
-    """--image-labels: a JSON object {image id: [class names]} -> [N, C] uint8 for `image_paths`, in order. Class
-    names are the dataset's (any case); ids the JSON has beyond these images are not used. No mask is read."""
-    classes = DATASETS[data].classes
-    try:
-        with open(path) as f:
-            tags = json.load(f)
-    except OSError as e:
-        raise CarbError(f"--image-labels {path}: cannot read it ({e.strerror or e})") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise CarbError(f"--image-labels {path} is not JSON ({e})") from None
-    if not isinstance(tags, dict) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v)
-                                             for v in tags.values()):
-        raise CarbError(f'--image-labels {path} must be one JSON object {{"IMAGE_ID": ["CLASS", ...], ...}}')
-    index = {name.lower(): c for c, name in enumerate(classes)}
-    labels = torch.zeros(len(image_paths), len(classes), dtype=torch.uint8)
-    for i, p in enumerate(image_paths):
-        key = image_id(p)
-        if key not in tags:
-            raise CarbError(f"--image-labels {path} has no entry for {key} ({p}): list every training image, with [] "
-                            "for one that shows none of the classes")
-        for name in tags[key]:
-            if name.lower() not in index:
-                raise CarbError(f"--image-labels {path}: {key} lists {name!r}, which is not a --data {data} class "
-                                f"({', '.join(classes)})")
-            labels[i, index[name.lower()]] = 1
-    return labels
-
-
-def photometric_distortion(img, g):
-    """mmseg's PhotoMetricDistortion on a float [3,H,W] image in [0,255]: each step with probability 1/2 --
-    brightness +U(-32,32), contrast xU(0.5,1.5) (before or after the colour steps), saturation xU(0.5,1.5),
-    hue +U(-18,18) of 180 degrees."""
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
-    coin = lambda: torch.rand((), generator=g).item() < 0.5  # noqa: E731
-    if coin():
-        img = (img + u(-32, 32)).clamp(0, 255)
-    contrast_first = coin()
-    if contrast_first and coin():
-        img = (img * u(0.5, 1.5)).clamp(0, 255)
-    if coin():
-        img = TF.adjust_saturation(img / 255, u(0.5, 1.5)) * 255
-    if coin():
-        img = TF.adjust_hue(img / 255, u(-18, 18) / 180) * 255
-    if not contrast_first and coin():
-        img = (img * u(0.5, 1.5)).clamp(0, 255)
-    return img
-
-
-class WeakTrainSet(torch.utils.data.Dataset):
-    """Training images with image-level labels only: yields (image uint8 [3,h,w], image_labels [C], valid_hw [2]).
-    valid_hw is the size of the real image inside the padded crop (padding is bottom/right); never a mask.
-
-    Augmentation as the official Cityscapes config: rescale to base_size x U(scale_range) (aspect kept),
-    random crop, horizontal flip, photometric distortion, pad to the crop size. Randomness comes from
-    (seed, sample number k), not from a worker's global state, so runs are reproducible and resumable.
-    With `global_masks` (PNG paths, --global-masks precompute) each image's precomputed pseudo-mask gets the same
-    rescale (nearest), crop and flip, padding 255, and comes as a fourth item."""
-
-    def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None):
-        self.images, self.labels, self.seed, self.photometric = images, labels, seed, photometric
-        self.crop, self.base_size, self.scale_range, self.global_masks = crop, base_size, scale_range, global_masks
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, item):
-        k, i = item  # (global sample number, image index), from InfiniteSampler
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-        img = read_image(self.images[i])
-        mask = None if self.global_masks is None else decode_image(torchvision.io.read_file(self.global_masks[i]))
-        # mmseg Resize(img_scale=(long, short), ratio_range, keep_ratio): fit the image inside the scaled base size
-        lo, hi = self.scale_range
-        r = lo + (hi - lo) * torch.rand((), generator=g).item()
-        h, w = img.shape[-2:]
-        s = min(r * max(self.base_size) / max(h, w), r * min(self.base_size) / min(h, w))
-        img = TF.resize(img, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
-        if mask is not None:
-            mask = TF.resize(mask, list(img.shape[-2:]), interpolation=TF.InterpolationMode.NEAREST)
-        # random crop, flip, colour
-        h, w = img.shape[-2:]
-        ch, cw = min(self.crop[0], h), min(self.crop[1], w)
-        top = torch.randint(0, h - ch + 1, (), generator=g).item()
-        left = torch.randint(0, w - cw + 1, (), generator=g).item()
-        img = img[:, top:top + ch, left:left + cw]
-        flip = torch.rand((), generator=g).item() < 0.5
-        if flip:
-            img = img.flip(-1)
-        if self.photometric:
-            img = photometric_distortion(img.float(), g).round().to(torch.uint8)
-        img = F.pad(img, (0, self.crop[1] - cw, 0, self.crop[0] - ch))  # padded pixels are ignored by every loss
-        if mask is not None:
-            mask = mask[0, top:top + ch, left:left + cw]
-            mask = F.pad(mask.flip(-1) if flip else mask, (0, self.crop[1] - cw, 0, self.crop[0] - ch), value=255)
-            return img, self.labels[i].float(), torch.tensor([ch, cw]), mask
-        return img, self.labels[i].float(), torch.tensor([ch, cw])
-
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    """Yields (k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation.
-    Batch t holds samples t*B .. t*B+B-1, so resuming at iteration t just starts at k = t*B.
-    Under torchrun (world N ranks of batch B) the stream is that of one process with batch N*B, cut into runs of B
-    samples dealt to the ranks in turn: rank r keeps k with (k // B) % N == r, and starts at k = t*N*B."""
-
-    def __init__(self, n, seed, start=0, rank=0, world=1, batch=1):
-        self.n, self.seed, self.start, self.rank, self.world, self.batch = n, seed, start, rank, world, batch
-
-    def __iter__(self):
-        k, perm = self.start, None
-        while True:
-            epoch, j = divmod(k, self.n)
-            if j == 0 or perm is None:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            if k // self.batch % self.world == self.rank:
-                yield k, perm[j].item()
-            k += 1
-
-
-class EvalSet(torch.utils.data.Dataset):
-    """Validation images at full resolution with their trainId masks: (image uint8 [3,H,W], mask uint8 [H,W])."""
-
-    def __init__(self, images, gts, data="cityscapes"):
-        self.images, self.gts, self.data = images, gts, data
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img, gt = read_image(self.images[i]), read_train_ids(self.gts[i], self.data)
-        if img.shape[-2:] != gt.shape:
-            raise CarbError(f"{self.gts[i]} is {tuple(gt.shape)} but its image is {tuple(img.shape[-2:])}")
-        return img, gt
-
-
-# Offline stand-in: procedural driving-like scenes written once in the Cityscapes layout, so the same loader
-# reads them. Colours are the scene's, not the Cityscapes palette; each class has one base colour.
-SYNTH_COLORS = {  # labelId: (name, RGB)
-    7: ("road", (80, 80, 88)), 8: ("sidewalk", (175, 160, 150)), 11: ("building", (125, 95, 80)),
-    17: ("pole", (45, 45, 40)), 19: ("traffic light", (240, 120, 30)), 20: ("traffic sign", (225, 215, 50)),
-    21: ("vegetation", (60, 125, 45)), 23: ("sky", (130, 180, 235)), 24: ("person", (200, 50, 70)),
-    26: ("car", (40, 60, 160)),
-}
-
-
-def render_scene(rng, height, width):
-    """One synthetic street: (RGB uint8 [H,W,3], labelIds uint8 [H,W]). Sky, buildings and trees above the
-    horizon, a road in perspective with sidewalks, cars, people, poles carrying traffic lights or signs."""
-    H, W = height, width
-    lab = np.full((H, W), 23, np.uint8)
-    col = np.zeros((H, W, 3), np.float32)
-    yy, xx = np.mgrid[0:H, 0:W]
-
-    def paint(mask, label_id):
-        lab[mask] = label_id
-        col[mask] = np.array(SYNTH_COLORS[label_id][1]) + rng.normal(0, 12, 3)  # per-instance colour jitter
-
-    paint(np.ones((H, W), bool), 23)
-    horizon = int(H * rng.uniform(0.4, 0.55))
-    x = 0
-    while x < W:  # skyline: buildings and trees
-        w = int(rng.integers(W // 12, W // 4))
-        top = int(rng.integers(int(0.05 * H), horizon - H // 10))
-        if rng.random() < 0.7:
-            paint((yy >= top) & (yy < horizon) & (xx >= x) & (xx < x + w), 11)
-        else:
-            cy, ry = (top + horizon) / 2, (horizon - top) / 2 + 4
-            paint(((yy - cy) / ry) ** 2 + ((xx - x - w / 2) / (w / 2)) ** 2 < 1, 21)
-        x += w
-    below = yy >= horizon
-    paint(below, 8)
-    cx = W * rng.uniform(0.35, 0.65)
-    half = W * 0.06 + (yy - horizon) / (H - horizon) * W * rng.uniform(0.45, 0.7)  # road widens towards the camera
-    paint(below & (np.abs(xx - cx) < half), 7)
-    depth = lambda y: 0.25 + 0.75 * (y - horizon) / (H - horizon)  # noqa: E731  (size ~ distance to horizon)
-    for _ in range(int(rng.integers(1, 5))):  # cars on the road
-        y = int(rng.uniform(horizon + 0.2 * (H - horizon), H - 2))
-        s = depth(y)
-        w, h = int(W * 0.22 * s), int(H * 0.17 * s)
-        x0 = int(cx + rng.uniform(-1, 1) * max(half[y, 0] - w, 1) - w / 2)
-        paint((yy <= y) & (yy > y - h) & (xx >= x0) & (xx < x0 + w), 26)
-    for _ in range(int(rng.integers(0, 4))):  # people on the sidewalks
-        y = int(rng.uniform(horizon + 0.1 * (H - horizon), H - 2))
-        s = depth(y)
-        w, h = max(2, int(W * 0.02 * s)), max(5, int(H * 0.12 * s))
-        x0 = int(rng.uniform(0, W - w))
-        paint((yy <= y) & (yy > y - h) & (xx >= x0) & (xx < x0 + w), 24)
-    for _ in range(int(rng.integers(1, 4))):  # poles with a traffic light or a sign: the small objects
-        y = int(rng.uniform(horizon + 0.05 * (H - horizon), horizon + 0.6 * (H - horizon)))
-        s = depth(y)
-        h, w = int(H * rng.uniform(0.3, 0.5) * s), max(2, int(W * 0.006))
-        x0 = int(rng.uniform(0, W - 12))
-        paint((yy <= y) & (yy > y - h) & (xx >= x0) & (xx < x0 + w), 17)
-        top = y - h
-        if rng.random() < 0.5:  # a traffic light: a small box on top of the pole
-            bw, bh = max(3, int(W * 0.012)), max(6, int(H * 0.045))
-            paint((yy <= top) & (yy > top - bh) & (xx >= x0 - bw // 3) & (xx < x0 - bw // 3 + bw), 19)
-        else:  # a traffic sign: a small square
-            b = max(5, int(W * 0.018))
-            paint((yy <= top) & (yy > top - b) & (xx >= x0 - b // 3) & (xx < x0 - b // 3 + b), 20)
-    col = col * rng.uniform(0.85, 1.15) + rng.normal(0, 8, (H, W, 3))  # illumination and sensor noise
-    return np.clip(col, 0, 255).astype(np.uint8), lab
-
-
-def make_synthetic(root, n_train, n_val, size, seed=0):
-    """Write the synthetic dataset once (skipped when it is already complete)."""
-    for split, n in (("train", n_train), ("val", n_val)):
-        img_dir, gt_dir = os.path.join(root, "leftImg8bit", split, "synth"), os.path.join(root, "gtFine", split, "synth")
-        if len(glob(os.path.join(gt_dir, "*_labelIds.png"))) == n:
-            continue
-        os.makedirs(img_dir, exist_ok=True)
-        os.makedirs(gt_dir, exist_ok=True)
-        rng = np.random.default_rng([seed, split == "val"])
-        for i in tqdm(range(n), desc=f"writing synthetic {split}", leave=False):
-            rgb, lab = render_scene(rng, *size)
-            name = f"synth_{i:06d}_000019"
-            Image.fromarray(rgb).save(os.path.join(img_dir, name + "_leftImg8bit.png"))
-            Image.fromarray(lab).save(os.path.join(gt_dir, name + "_gtFine_labelIds.png"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# 2. CLIP pseudo-masks (MaskCLIP)
-# ---------------------------------------------------------------------------------------------------
+# 1. CLIP pseudo-masks (MaskCLIP)
 
 # CLIP's 80 ImageNet prompt templates plus the 5 scene templates MaskCLIP and CARB add.
 TEMPLATES = [
@@ -495,72 +83,60 @@ TEMPLATES = [
     "this is the {} in the scene.", "this is one {} in the scene.",
 ]
 
-
 def load_clip(name_or_path, device):
-    """clip.load with a clear error when the weights cannot be had (offline, typo, missing or wrong file).
-    A local file is read here, never unpickled: OpenAI's TorchScript .pt, or a state dict (weights_only)."""
-    with warnings.catch_warnings():  # the clip package imports pkg_resources, which warns on import
+    """clip.load by name (downloads to ~/.cache/clip), or a local file -- OpenAI's TorchScript .pt or a state dict --
+    read without unpickling any code. Frozen, in eval mode; float32 on a CPU, as clip.load."""
+    with warnings.catch_warnings():  # clip imports pkg_resources, and torch.jit.load is deprecated: both warn
         warnings.simplefilter("ignore")
         import clip
-        import clip.model
-    if os.path.isfile(name_or_path):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.load's deprecation warning for the official .pt files
+        if os.path.isfile(name_or_path):
+            try:
                 try:
                     state = torch.jit.load(name_or_path, map_location="cpu").state_dict()
                 except RuntimeError:  # not TorchScript: a state dict
                     state = torch.load(name_or_path, map_location="cpu", weights_only=True)
-            model = clip.model.build_model(state).to(device)  # as clip.load(jit=False) does
-        except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
-                pickle.UnpicklingError) as e:
-            raise CarbError(f"--clip-model {name_or_path}: not a CLIP checkpoint ({type(e).__name__}); pass OpenAI's "
-                            ".pt file (e.g. ~/.cache/clip/ViT-B-16.pt) or a CLIP state dict") from None
-        if str(device) == "cpu":
-            model.float()
-        return model.eval().requires_grad_(False)
-    if name_or_path not in clip.available_models():
-        raise CarbError(f"--clip-model {name_or_path}: not a CLIP model name {clip.available_models()} "
-                        "nor an existing file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, _ = clip.load(name_or_path, device=device, jit=False)  # downloads to ~/.cache/clip, checks SHA256
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # URLError is an OSError
-        raise CarbError(f"--clip-model {name_or_path}: cannot download or load ({e}); offline, download the .pt "
-                        "elsewhere and pass its path, e.g. --clip-model ~/.cache/clip/ViT-B-16.pt") from None
+                model = clip.model.build_model(state).to(device)  # as clip.load(jit=False) does
+            except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
+                    pickle.UnpicklingError) as e:
+                raise CarbError(f"--clip-model {name_or_path}: not a CLIP checkpoint ({type(e).__name__}); pass "
+                                "OpenAI's .pt file (e.g. ~/.cache/clip/ViT-B-16.pt) or a CLIP state dict") from None
+        elif name_or_path in clip.available_models():
+            try:
+                model, _ = clip.load(name_or_path, device=device, jit=False)  # checks the download's SHA256
+            except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # URLError is an OSError
+                raise CarbError(f"--clip-model {name_or_path}: cannot download or load ({e}); offline, download the "
+                                ".pt elsewhere and pass its path, e.g. --clip-model ~/.cache/clip/ViT-B-16.pt") from None
+        else:
+            raise CarbError(f"--clip-model {name_or_path}: not a CLIP model name {clip.available_models()} "
+                            "nor an existing file")
+    if str(device) == "cpu":
+        model.float()
     return model.eval().requires_grad_(False)
-
 
 @torch.no_grad()
 def text_classifier(clip_model, class_names, cache_file=None):
     """[C, D] CLIP text embeddings: each name in the 85 templates, L2-normalized, averaged, re-normalized."""
-    if cache_file and os.path.isfile(cache_file):
-        try:
-            return torch.load(cache_file, weights_only=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-            pass  # a damaged cache is recomputed
+    cached = load_cache(cache_file) if cache_file else None
+    if isinstance(cached, torch.Tensor):
+        return cached
     import clip
     device = clip_model.token_embedding.weight.device
     rows = []
     for name in class_names:
         e = clip_model.encode_text(clip.tokenize([t.format(name) for t in TEMPLATES]).to(device)).float()
-        e = F.normalize(e, dim=-1).mean(0)
-        rows.append(F.normalize(e, dim=-1))
+        rows.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=-1))
     classifier = torch.stack(rows).cpu()
     if cache_file:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
         atomic_save(classifier, cache_file)
     return classifier
-
 
 @torch.inference_mode()
 def maskclip_scores(clip_model, images, text_classifier):
     """MaskCLIP dense scores: images [B,3,H,W], CLIP-normalized -> cosine similarities [B,C,H/16,W/16].
 
-    The ViT runs as trained, with its positional embedding resized (bicubic) to the input's patch grid. In the
-    last block only the value path is used -- x + out_proj(v_proj(ln_1(x))), then the MLP -- which keeps each
-    patch's own content instead of the attention's global mixing; then ln_post and the visual projection."""
+    The ViT runs as trained, its positional embedding resized (bicubic) to the input's patch grid. The last block
+    uses only its value path, x + out_proj(v_proj(ln_1(x))), then its MLP: each patch keeps its own content instead
+    of the attention's global mixing. Then ln_post and the visual projection, as for CLIP's class token."""
     vit = clip_model.visual
     p = vit.conv1.kernel_size[0]
     H, W = images.shape[-2:]
@@ -587,59 +163,18 @@ def maskclip_scores(clip_model, images, text_classifier):
     scores = x @ text_classifier.to(x.device, torch.float32).t()  # [B, N, C]
     return scores.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
 
-
 def pseudo_mask(scores, image_labels, size):
     """scores [B,C,h,w] -> [B,H,W] long: bilinear upsampling, then argmax over each image's labelled classes only.
     Absent classes can never win; an image without labels is all ignore (255). Channels-last (each pixel's C
-    scores side by side, kept by the in-place fill) makes the upsampling and the argmax several times faster on a
-    CPU."""
+    scores side by side) makes the upsampling and the argmax several times faster on a CPU."""
     scores = F.interpolate(scores.float().contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
                            align_corners=False)
     mask = scores.masked_fill_(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
     mask[image_labels.sum(1) == 0] = 255
     return mask
 
-
-class SimulatedCLIP(nn.Module):
-    """The offline stand-in for MaskCLIP on the synthetic scenes, with the same call: CLIP-normalized images
-    [B,3,H,W] -> scores [B,C,H/16,W/16]. A fixed, non-learned classifier that sees only pixels, never GT:
-
-      * every pixel votes softly for the class whose scene colour is nearest; a 16x16 patch's score is its share
-        of the votes. Like ViT-B/16's patches, an object much smaller than a patch is outvoted by its
-        background -- the paper's small-object failure, which an up-scaled window partly repairs;
-      * plus blob noise: the image's fine texture (pixels minus their local mean) through a fixed random
-        projection, pooled to the patch grid and blurred -- spatially coherent errors that differ from image to
-        image, like CLIP's noisy activations.
-    It also provides the fixed "text classifier" (random orthonormal rows) that the segmentation model uses."""
-
-    def __init__(self, noise=0.2, dim=512, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        colors = [SYNTH_COLORS[c.id][1] if c.id in SYNTH_COLORS else c.color for c in CITYSCAPES]
-        self.register_buffer("colors", torch.tensor(colors, dtype=torch.float32) / 255)  # [C, 3]
-        self.register_buffer("projection", torch.randn(len(colors), 3, 1, 1, generator=g))
-        self.register_buffer("text_classifier", torch.linalg.qr(torch.randn(dim, len(colors), generator=g))[0].t())
-        self.noise, self.temperature, self.patch = noise, 0.01, 16
-
-    @torch.inference_mode()
-    def forward(self, images):
-        H, W = images.shape[-2:]
-        gh, gw = max(1, int(H / self.patch + 0.5)), max(1, int(W / self.patch + 0.5))
-        images = F.interpolate(images.float(), size=(gh * self.patch, gw * self.patch), mode="bilinear")
-        rgb = images * torch.tensor(CLIP_STD, device=images.device)[:, None, None] \
-            + torch.tensor(CLIP_MEAN, device=images.device)[:, None, None]
-        dist2 = ((rgb[:, None] - self.colors[None, :, :, None, None]) ** 2).sum(2)  # [B, C, H, W]
-        share = F.avg_pool2d(torch.softmax(-dist2 / self.temperature, 1), self.patch)
-        texture = rgb - F.avg_pool2d(rgb, 5, 1, 2, count_include_pad=False)
-        blobs = F.avg_pool2d(F.conv2d(texture, self.projection), self.patch)
-        blobs = TF.gaussian_blur(blobs, kernel_size=5, sigma=1.5)
-        blobs = (blobs - blobs.mean((2, 3), keepdim=True)) / (blobs.std((2, 3), keepdim=True) + 1e-6)
-        return share + self.noise * blobs
-
-
 # ---------------------------------------------------------------------------------------------------
-# 3. Global-Local View Training
-# ---------------------------------------------------------------------------------------------------
+# 2. Global-Local View Training
 
 def sample_window(crop, window, rate, offset, g):
     """One window per batch, placed uniformly inside the crop, and its CLIP multiplier m = rate * U[0,1) + offset.
@@ -650,7 +185,6 @@ def sample_window(crop, window, rate, offset, g):
     m = rate * torch.rand((), generator=g).item() + offset
     return top, left, h, w, m
 
-
 def local_pseudo_mask(scorer, clip_images, image_labels, window):
     """CLIP on the window up-scaled by m; its scores come back to the window's size: the local pseudo-mask.
     At m > 1 a small object covers more of CLIP's 16x16 patches, so it survives the patch vote."""
@@ -659,57 +193,15 @@ def local_pseudo_mask(scorer, clip_images, image_labels, window):
     patch = F.interpolate(patch, size=(int(h * m), int(w * m)), mode="bilinear", align_corners=False)
     return pseudo_mask(scorer(patch), image_labels, (h, w))
 
-
-@torch.no_grad()
-def precompute_global_masks(scorer, classifier, images, labels, base_size, clip_model, cache_dir, device,
-                            rank=0, world=1):
-    """--global-masks precompute, the official code's "single path": each training image's global pseudo-mask is
-    computed once -- CLIP on the whole image rescaled to the base size (the training rescale at ratio 1),
-    restricted to the image's labels -- and kept as a PNG of trainIds, which WeakTrainSet rescales, crops and flips
-    with its image (nearest). The local window stays online. The folder's key covers the image list, their labels,
-    the CLIP model (name and text classifier) and the base size. Only missing files are computed, each rank doing
-    every world-th image, so an interrupted precomputation goes on where it stopped. Returns the paths, in order."""
-    model = os.path.abspath(clip_model) if os.path.isfile(clip_model) else clip_model
-    key = hashlib.sha1(repr(([os.path.abspath(p) for p in images], model, tuple(base_size))).encode()
-                       + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
-    folder = os.path.join(cache_dir, f"global_masks_{key}")
-    os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, f"{i:05d}_{image_id(p)}.png") for i, p in enumerate(images)]
-    todo = [i for i in range(rank, len(images), world) if not os.path.isfile(paths[i])]
-    for i in tqdm(todo, desc="global pseudo-masks", leave=False, disable=rank > 0):
-        img = read_image(images[i])
-        h, w = img.shape[-2:]
-        s = min(max(base_size) / max(h, w), min(base_size) / min(h, w))  # as WeakTrainSet's rescale at ratio 1
-        size = [max(1, round(h * s)), max(1, round(w * s))]
-        x = TF.resize(img, size, antialias=True)[None].to(device).float() / 255
-        mask = pseudo_mask(scorer(normalize(x, CLIP_MEAN, CLIP_STD)), labels[i:i + 1].to(device), size)[0]
-        Image.fromarray(mask.to(torch.uint8).cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
-        os.replace(paths[i] + ".tmp", paths[i])  # a file that exists is complete
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------------
-# 4. Model: torchvision DeepLabV3, classified by CLIP's text embeddings
-# ---------------------------------------------------------------------------------------------------
+# 3. Model: torchvision DeepLabV3, classified by CLIP's text embeddings
 
-def deeplabv3_mobilenet_stride8(weights=None, weights_backbone=None, num_classes=21, aux_loss=False):
-    """The synthetic default: DeepLabV3's head on MobileNetV3-Large cut after its stride-8 stage (first 7 blocks,
-    40 channels). torchvision's DeepLabV3-MobileNetV3 predicts at stride 16, as coarse as CLIP's patches, so it
-    cannot sharpen CLIP's blocky masks; at stride 8 the model is finer than CLIP, as the paper's ResNet-50 is,
-    and costs half as much on a CPU. Same signature as torchvision's builders (weights: backbone only)."""
-    features = torchvision.models.mobilenet_v3_large(weights=weights_backbone).features[:7]
-    backbone = create_feature_extractor(features, {"6": "out"})
-    return torchvision.models.segmentation.DeepLabV3(backbone, DeepLabHead(40, num_classes))
-
-
-BACKBONES = {
+BACKBONES = {  # name: (torchvision builder, its backbone's weights enum); the appendix adds the synthetic one
     "resnet50": (torchvision.models.segmentation.deeplabv3_resnet50, torchvision.models.ResNet50_Weights),
     "resnet101": (torchvision.models.segmentation.deeplabv3_resnet101, torchvision.models.ResNet101_Weights),
     "mobilenet_v3_large": (torchvision.models.segmentation.deeplabv3_mobilenet_v3_large,
                            torchvision.models.MobileNet_V3_Large_Weights),
-    "mobilenet_v3_stride8": (deeplabv3_mobilenet_stride8, torchvision.models.MobileNet_V3_Large_Weights),
 }
-
 
 class Segmenter(nn.Module):
     """DeepLabV3 whose last 1x1 conv outputs CLIP's embedding dimension; the logits are the dot product of that
@@ -736,17 +228,14 @@ class Segmenter(nn.Module):
         logits = torch.einsum("bdhw,cd->bchw", embedding, self.text_classifier.to(embedding.dtype))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
-
 # ---------------------------------------------------------------------------------------------------
-# 5. CARB loss: Consistency-Aware Region Balancing. Self-contained: copy this block; it needs only torch.
-# ---------------------------------------------------------------------------------------------------
+# 4. CARB loss: Consistency-Aware Region Balancing. Self-contained: copy this block; it needs only torch.
 
 def masked_cross_entropy(logits, target, region=None, ignore_index=255):
     """Mean cross-entropy over the pixels of `region` (default: all non-ignored); 0, never NaN, if it is empty."""
     ce = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     region = (target != ignore_index) if region is None else region
     return (ce * region).sum() / region.sum().clamp(min=1)
-
 
 def carb_loss(logits, pseudo_mask, image_labels, weight):
     """logits [B,C,H,W]; pseudo_mask [B,H,W] (255 = ignore); image_labels [B,C] in {0,1}.
@@ -769,7 +258,6 @@ def carb_loss(logits, pseudo_mask, image_labels, weight):
         weight = weight(consistent_ce.detach(), inconsistent_ce.detach())
     loss = consistent_ce + weight * inconsistent_ce
     return loss, consistent_ce.detach(), inconsistent_ce.detach()
-
 
 class RegionBalancer:
     """Adaptive region weight: w = coeff * mean(last `window` CE(R_c)) / mean(last `window` CE(R_i)).
@@ -797,18 +285,11 @@ class RegionBalancer:
 
 # ---------------------------------------------------------------------------------------------------- end of block
 
-
 # ---------------------------------------------------------------------------------------------------
-# 6. Training loop and evaluation
-# ---------------------------------------------------------------------------------------------------
-
-def poly_lr(it, iters, base_lr, min_lr, power=0.9):
-    """mmcv's poly schedule with a floor: (base - min) * (1 - it/iters)^power + min."""
-    return (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
-
+# 5. One training step
 
 def train_one_step(model, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
-    """One CARB iteration (forward and loss). Returns the loss and the terms to log. `region_weight` is a
+    """One CARB iteration's forward pass and loss; returns (loss, the terms to log). `region_weight` is a
     RegionBalancer or a float; `window` None trains the global view only (the ablation's --no-local-view). A batch
     of 4 carries the precomputed global pseudo-mask (--global-masks precompute). `tick(phase)`: a Stopwatch."""
     images, image_labels, valid_hw, *precomputed = (t.to(device, non_blocking=True) for t in batch)
@@ -817,8 +298,8 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device,
     padded = (rows[None, :, None] >= valid_hw[:, 0, None, None]) | (cols[None, None, :] >= valid_hw[:, 1, None, None])
     tick("data wait")
 
-    # pseudo-masks: CLIP on the whole crop (global) and on the up-scaled window (local)
-    clip_x = normalize(x, CLIP_MEAN, CLIP_STD)
+    # pseudo-masks: CLIP on the whole crop (global) and on the up-scaled window (local); padding is ignored (255)
+    clip_x = TF.normalize(x, CLIP_MEAN, CLIP_STD)
     if precomputed:  # already restricted to the labels, augmented with the image, padding 255
         global_mask = precomputed[0].long()
     else:
@@ -830,7 +311,7 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device,
         local_mask = local_mask.masked_fill(padded[:, top:top + h, left:left + w], 255)
     tick("CLIP local")
 
-    seg_x = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    seg_x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     if device.type == "cuda":
         seg_x = seg_x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -860,254 +341,340 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device,
     return loss, logs
 
 
-class Stopwatch:
-    """--profile: `watch(phase)` charges the wall time since the previous call to `phase`. On CUDA it synchronizes
-    first, so each phase is charged with its own kernels rather than the ones queued before it. Disabled, it only
-    returns (the default run pays nothing)."""
+# ===================================================================================================
+# The experiment. 6. Data: Cityscapes, CamVid, WildDash2; image-level labels only
 
+# The 19 evaluation classes and the labelId -> trainId map, from the table torchvision ships.
+CITYSCAPES = [c for c in torchvision.datasets.Cityscapes.classes if not c.ignore_in_eval]
+CLASS_NAMES = [c.name for c in CITYSCAPES]
+LABEL_TO_TRAIN = torch.full((256,), 255, dtype=torch.uint8)
+TRAIN_TO_LABEL = torch.zeros(256, dtype=torch.uint8)  # and back; void (255) -> 0 "unlabeled", a miss when scored
+for _c in CITYSCAPES:
+    LABEL_TO_TRAIN[_c.id] = _c.train_id
+    TRAIN_TO_LABEL[_c.train_id] = _c.id
+# The official CARB classes of CamVid (SegNet's 11) and WildDash2 (the 25 evaluated, in its panoptic.json's order).
+CAMVID = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+          "Bicyclist"]
+WILDDASH2 = ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
+             "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
+             "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"]
+INDEX_LABELS = torch.arange(256, dtype=torch.uint8)  # label files that hold the class index itself
+
+# One class table and folder layout per dataset. `images` and `labels` are globs under --data-root with the same
+# wildcards: an image's label file is the label glob with the image's own matches.
+Dataset = collections.namedtuple("Dataset", "classes clip_names palette images labels label_values to_train")
+DATASETS = {
+    # CARB's names for CLIP: "tree" for vegetation, "pedestrian" for person, ... Labels: labelIds, 255 = -1.
+    "cityscapes": Dataset(CLASS_NAMES, ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                                        "traffic sign", "tree", "grass", "sky", "pedestrian", "rider", "car",
+                                        "truck", "bus", "train", "motorcycle", "bicycle"],
+                          [c.color for c in CITYSCAPES], "leftImg8bit/{split}/*/*_leftImg8bit.png",
+                          "gtFine/{split}/*/*_gtFine_labelIds.png",
+                          sorted({c.id % 256 for c in torchvision.datasets.Cityscapes.classes}), LABEL_TO_TRAIN),
+    "camvid": Dataset(CAMVID, [c.lower() for c in CAMVID],  # in the SegNet palette, as the official code
+                      [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
+                       (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)],
+                      "img/{split}/*.png", "mask/{split}/*.png", list(range(11)) + [255], INDEX_LABELS),
+    "wilddash2": Dataset(WILDDASH2, [c.replace("road marking", "roadmarking") for c in WILDDASH2],
+                         [(0, 20, 50), (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                          (180, 165, 180), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
+                          (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+                          (0, 60, 100), (0, 0, 230), (119, 11, 32), (40, 0, 100), (0, 40, 120), (174, 64, 67),
+                          (210, 170, 100), (196, 176, 128)],
+                         "img/{split}/*.jpg", "mask/{split}/*_labelTrainIds.png", list(range(25)) + [255],
+                         INDEX_LABELS),
+}
+
+def list_split(root, split, data="cityscapes"):
+    """The image and label files of one split, in the dataset's layout (DATASETS)."""
+    ds = DATASETS[data]
+    images_glob, labels_glob = (os.path.join(root, p.format(split=split)) for p in (ds.images, ds.labels))
+    (head, *_, tail), (label_head, *_, label_tail) = images_glob.split("*"), labels_glob.split("*")
+    images = sorted(glob(images_glob))
+    if not images:
+        raise CarbError(f"{os.path.dirname(head)} holds no {os.path.basename(images_glob)} files: --data-root must be "
+                        f"the folder that holds {ds.images.format(split=split)} for --data {data}")
+    return images, [label_head + p[len(head):len(p) - len(tail)] + label_tail for p in images]
+
+def image_id(path):
+    """frankfurt_000000_000294 for .../frankfurt_000000_000294_leftImg8bit.png; other images: the file name's stem."""
+    name = os.path.basename(path)
+    return name[:-len("_leftImg8bit.png")] if name.endswith("_leftImg8bit.png") else os.path.splitext(name)[0]
+
+def read_file(path, what="image", header_only=False):
+    """An image (uint8 [3,H,W], RGB) or a label file (numpy, as stored), read with Pillow; header_only: its (H, W).
+    A missing, unreadable or truncated file is a one-line error that names it."""
+    try:
+        with Image.open(path) as f:
+            if header_only:
+                return f.size[::-1]
+            if what != "image":
+                return np.array(f)
+            return torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError) as e:
+        raise CarbError(f"cannot read {what} {path} ({e}): re-extract or remove it") from None
+
+def read_train_ids(path, data="cityscapes"):
+    """A label file of the dataset -> uint8 [H,W] of train indices (255 = ignore)."""
+    ds, label = DATASETS[data], read_file(path, "label")
+    if label.ndim != 2 or not np.isin(label, ds.label_values).all():
+        found = f"{label.shape[-1]} channels" if label.ndim != 2 else f"values {np.setdiff1d(label, ds.label_values)}"
+        raise CarbError(f"label {path} holds {found}: --data {data} label files ({os.path.basename(ds.labels)}) are "
+                        f"one channel of {ds.label_values[0]}-{ds.label_values[-2]} or 255 (colours, or another set?)")
+    return ds.to_train[torch.from_numpy(label.astype(np.uint8)).long()]
+
+def check_pairs(images, gts):
+    """Fail before training, not hours into it: every image has a label file of its size (headers only)."""
+    missing = [g for g in gts if not os.path.isfile(g)]
+    if missing:
+        raise CarbError(f"{len(missing)} label files are missing, the first {missing[0]} (of "
+                        f"{images[gts.index(missing[0])]}): every image needs its label file")
+    for img, gt in zip(images, gts):
+        img_size, gt_size = read_file(img, header_only=True), read_file(gt, "label", header_only=True)
+        if img_size != gt_size:
+            raise CarbError(f"{gt} is {gt_size} but its image {img} is {img_size}: they must be the same size")
+
+def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None, data="cityscapes"):
+    """[N, C] uint8: which classes occur in each image, all that training takes from the GT masks (the paper's weak
+    supervision). Computed once, after checking each image against its label file, and cached."""
+    key = hashlib.sha1("\n".join(os.path.abspath(p) for p in gt_paths).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"image_labels_{key}.pt")
+    labels = load_cache(cache)
+    if isinstance(labels, torch.Tensor) and labels.shape == (len(gt_paths), num_classes):
+        return labels
+    if image_paths is not None:
+        check_pairs(image_paths, gt_paths)
+    labels = torch.zeros(len(gt_paths), num_classes, dtype=torch.uint8)
+    for i, p in enumerate(tqdm(gt_paths, desc="image-level labels", leave=False)):
+        present = read_train_ids(p, data).unique().long()
+        labels[i, present[present < num_classes]] = 1
+    atomic_save(labels, cache)
+    return labels
+
+def read_image_labels(path, image_paths, data="cityscapes"):
+    """--image-labels: a JSON object {image id: [class names]} -> [N, C] uint8 for `image_paths`, in order."""
+    classes = DATASETS[data].classes
+    try:
+        with open(path) as f:
+            tags = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CarbError(f"--image-labels {path}: unreadable, or not JSON ({e})") from None
+    if not isinstance(tags, dict) or not all(isinstance(v, list) for v in tags.values()):
+        raise CarbError(f'--image-labels {path} must be one JSON object {{"IMAGE_ID": ["CLASS", ...], ...}}')
+    index = {name.lower(): c for c, name in enumerate(classes)}
+    labels = torch.zeros(len(image_paths), len(classes), dtype=torch.uint8)
+    for i, key in enumerate(map(image_id, image_paths)):
+        if key not in tags:
+            raise CarbError(f"--image-labels {path} has no entry for {key} ({image_paths[i]}): list every training "
+                            "image, with [] for one that shows none of the classes")
+        for name in tags[key]:
+            if str(name).lower() not in index:
+                raise CarbError(f"--image-labels {path}: {key} lists {name!r}, which is not a --data {data} class "
+                                f"({', '.join(classes)})")
+            labels[i, index[name.lower()]] = 1
+    return labels
+
+def photometric_distortion(img, g):
+    """mmseg's PhotoMetricDistortion on a float [3,H,W] image in [0,255]: each step with probability 1/2 --
+    brightness +U(-32,32), contrast xU(0.5,1.5) (before or after the colour steps), saturation xU(0.5,1.5),
+    hue +U(-18,18) of 180 degrees."""
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
+    coin = lambda: torch.rand((), generator=g).item() < 0.5  # noqa: E731
+    if coin():
+        img = (img + u(-32, 32)).clamp(0, 255)
+    contrast_first = coin()
+    if contrast_first and coin():
+        img = (img * u(0.5, 1.5)).clamp(0, 255)
+    if coin():
+        img = TF.adjust_saturation(img / 255, u(0.5, 1.5)) * 255
+    if coin():
+        img = TF.adjust_hue(img / 255, u(-18, 18) / 180) * 255
+    if not contrast_first and coin():
+        img = (img * u(0.5, 1.5)).clamp(0, 255)
+    return img
+
+class WeakTrainSet(torch.utils.data.Dataset):
+    """Training crops with image-level labels only: (image uint8 [3,h,w], labels [C], valid_hw [2] = the real image's
+    size inside the crop, padded bottom/right). The official augmentation: rescale to base_size x U(scale_range)
+    (aspect kept), random crop, flip, photometric distortion, pad. Its randomness comes from (seed, sample number),
+    so runs are reproducible and resumable. With `global_masks` (--global-masks precompute) each image's
+    precomputed pseudo-mask is augmented with it (nearest, padding 255) and comes fourth."""
+
+    def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None):
+        self.images, self.labels, self.seed, self.photometric = images, labels, seed, photometric
+        self.crop, self.base_size, self.scale_range, self.global_masks = crop, base_size, scale_range, global_masks
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        k, i = item  # (global sample number, image index), from InfiniteSampler
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        img = read_file(self.images[i])
+        # mmseg Resize(img_scale=(long, short), ratio_range, keep_ratio): fit the image inside the scaled base size
+        lo, hi = self.scale_range
+        r = lo + (hi - lo) * torch.rand((), generator=g).item()
+        h, w = img.shape[-2:]
+        s = min(r * max(self.base_size) / max(h, w), r * min(self.base_size) / min(h, w))
+        img = TF.resize(img, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
+        h, w = img.shape[-2:]
+        ch, cw = min(self.crop[0], h), min(self.crop[1], w)
+        top = torch.randint(0, h - ch + 1, (), generator=g).item()
+        left = torch.randint(0, w - cw + 1, (), generator=g).item()
+        flip = torch.rand((), generator=g).item() < 0.5
+        img = img[:, top:top + ch, left:left + cw]
+        img = img.flip(-1) if flip else img
+        if self.photometric:
+            img = photometric_distortion(img.float(), g).round().to(torch.uint8)
+        pad = (0, self.crop[1] - cw, 0, self.crop[0] - ch)
+        item = (F.pad(img, pad), self.labels[i].float(), torch.tensor([ch, cw]))  # padding is ignored by every loss
+        if self.global_masks is None:
+            return item
+        mask = torch.from_numpy(read_file(self.global_masks[i], "mask"))[None]
+        mask = TF.resize(mask, [h, w], interpolation=TF.InterpolationMode.NEAREST)[0, top:top + ch, left:left + cw]
+        return item + (F.pad(mask.flip(-1) if flip else mask, pad, value=255),)
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Yields (k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation, and batch
+    t holds samples t*B .. t*B+B-1, so resuming at iteration t starts at k = t*B. Under torchrun (N ranks of batch
+    B) the stream is one process's with batch N*B, dealt out in runs of B: rank r keeps k with (k // B) % N == r."""
+
+    def __init__(self, n, seed, start=0, rank=0, world=1, batch=1):
+        self.n, self.seed, self.start, self.rank, self.world, self.batch = n, seed, start, rank, world, batch
+
+    def __iter__(self):
+        for k in itertools.count(self.start):
+            epoch, j = divmod(k, self.n)
+            if j == 0 or k == self.start:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            if k // self.batch % self.world == self.rank:
+                yield k, perm[j].item()
+
+class EvalSet(torch.utils.data.Dataset):
+    """Validation images at full resolution with their trainId masks: (image uint8 [3,H,W], mask uint8 [H,W])."""
+
+    def __init__(self, images, gts, data="cityscapes"):
+        self.images, self.gts, self.data = images, gts, data
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return read_file(self.images[i]), read_train_ids(self.gts[i], self.data)
+
+# ---------------------------------------------------------------------------------------------------
+# 7. The training loop
+
+def atomic_save(obj, path):
+    """torch.save to PATH.tmp, flushed to disk, then renamed over `path`: at any instant `path` is the complete old
+    or the complete new file, and a failed write (full disk) leaves it as it was."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if isinstance(e, OSError):
+            raise CarbError(f"cannot write {path} ({e.strerror or e}): free disk space, then run again "
+                            f"(with --resume for a run); {path} was left as it was") from None
+        raise
+
+def load_cache(path):
+    """A value cached in --cache-dir, or None where there is none or it is damaged (it is then recomputed)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+@torch.no_grad()
+def precompute_global_masks(scorer, classifier, images, labels, args, device, rank=0, world=1):
+    """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
+    the base size (the training rescale at ratio 1), as a PNG that WeakTrainSet augments with its image. Each rank
+    writes the missing files of every world-th image. Returns the paths."""
+    model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
+    key = hashlib.sha1(repr(([os.path.abspath(p) for p in images], model, tuple(args.base_size))).encode()
+                       + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
+    paths = [os.path.join(args.cache_dir, f"global_masks_{key}", f"{i:05d}_{image_id(p)}.png")
+             for i, p in enumerate(images)]
+    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    for i in tqdm(range(rank, len(images), world), desc="global pseudo-masks", leave=False, disable=rank > 0):
+        if os.path.isfile(paths[i]):  # a file that exists is complete
+            continue
+        img = read_file(images[i])
+        h, w = img.shape[-2:]
+        s = min(max(args.base_size) / max(h, w), min(args.base_size) / min(h, w))  # WeakTrainSet's rescale at 1
+        size = [max(1, round(h * s)), max(1, round(w * s))]
+        x = TF.normalize(TF.resize(img, size, antialias=True)[None].to(device).float() / 255, CLIP_MEAN, CLIP_STD)
+        mask = pseudo_mask(scorer(x), labels[i:i + 1].to(device), size)[0]
+        Image.fromarray(mask.to(torch.uint8).cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
+        os.replace(paths[i] + ".tmp", paths[i])
+    return paths
+
+class Stopwatch:
+    """--profile: `watch(phase)` charges the time since the previous call to `phase` (after a CUDA synchronize, so
+    that each phase pays for its own kernels). Disabled, it does nothing."""
     STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
             "optimizer"]
 
     def __init__(self, device, enabled):
-        self.device, self.enabled, self.totals, self.last = device, enabled, {}, time.perf_counter()
+        self.device, self.enabled, self.totals, self.last = device, enabled, collections.Counter(), time.perf_counter()
 
     def __call__(self, phase):
-        if not self.enabled:
-            return
-        if self.device.type == "cuda":
+        if self.enabled and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
-        self.last = now
+        if self.enabled:
+            self.totals[phase] += time.perf_counter() - self.last
+            self.last = time.perf_counter()
 
     def table(self, steps):
-        """The phases of the step over `steps` iterations, then what ran between steps, then the ratio of the full
-        step to a segmentation-only step (forward, backward, optimizer: training on fixed masks)."""
-        step = sum(self.totals.get(p, 0.0) for p in self.STEP)
+        """Each phase of the step over `steps` iterations, the whole step, and what ran between steps."""
+        step = sum(self.totals[p] for p in self.STEP)
         lines = [f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"]
-        for phase in self.STEP + ["step"]:
-            t = step if phase == "step" else self.totals.get(phase, 0.0)
+        for phase, t in [(p, self.totals[p]) for p in self.STEP] + [("step", step)]:
             lines.append(f"{phase:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}")
-        other = sum(t for p, t in self.totals.items() if p not in self.STEP)
-        lines.append(f"{'(between steps: val, checkpoints)':<34}{other:>10.2f}")
-        seg = self.totals.get("segmentation forward+backward", 0.0) + self.totals.get("optimizer", 0.0)
-        lines.append(f"step / segmentation-only step: {step / max(seg, 1e-9):.2f}  ({steps} steps)")
-        return "\n".join(lines)
+        other = sum(self.totals.values()) - step
+        return "\n".join(lines + [f"{'(between steps: val, checkpoints)':<34}{other:>10.2f}"])
 
+def make_optimizer(args, model):
+    if args.optimizer == "sgd":  # the official schedule
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    # synthetic default: a from-scratch backbone learns several times faster with AdamW in a short run
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+
+def poly_lr(it, iters, base_lr, min_lr, power=0.9):
+    """mmcv's poly schedule with a floor: (base - min) * (1 - it/iters)^power + min."""
+    return (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
+
+def backward_and_step(loss, optimizer, watch):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    watch("segmentation forward+backward")
+    optimizer.step()
+    watch("optimizer")
 
 class DistributedRegionBalancer(RegionBalancer):
-    """RegionBalancer under torchrun: each rank's CE(R_c) and CE(R_i) are averaged over the ranks before they enter
-    the window, so every rank holds the same history and uses the same w (and rank 0's checkpoint holds it). The
-    average of the per-rank means is the whole batch's mean when the ranks' regions are of equal size."""
+    """torchrun: CE(R_c) and CE(R_i) averaged over the ranks enter the window: one history and one w on all ranks."""
 
     def __call__(self, consistent_ce, inconsistent_ce):
         ces = torch.stack([consistent_ce, inconsistent_ce]).float()
         dist.all_reduce(ces)
         return super().__call__(*(ces / dist.get_world_size()).tolist())
 
-
-@torch.no_grad()
-def predict(model, images, scales=(1.0,), flip=False):
-    """uint8 images [B,3,H,W] -> trainIds [B,H,W]: the whole image at full resolution, as the official test config.
-    Several scales and/or flip (test-time augmentation): the softmax is averaged over the views, each resized back
-    to the image first, as mmseg's aug_test."""
-    x = normalize(images.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
-    H, W = x.shape[-2:]
-    probs = 0
-    for s in scales:
-        xs = x if s == 1 else F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear", align_corners=False)
-        for flipped in (False, True)[:1 + flip]:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-                logits = model(xs.flip(-1) if flipped else xs)
-            logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
-            probs = probs + (logits.flip(-1) if flipped else logits).softmax(1)
-    return probs.argmax(1)
-
-
-def confusion_matrix(pred, gt, num_classes):
-    """[C, C+1] counts, rows = ground truth, columns = prediction. Pixels with gt 255 are skipped; the last column
-    counts void predictions (255, or any id >= C): a miss for the GT class, a false positive for none, as a
-    prediction of an ignored labelId is in the official Cityscapes evaluation."""
-    keep = gt != 255
-    idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
-    return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
-
-
-def iou_from_confusion(conf):
-    """Per-class IoU = tp / (tp + fp + fn) from a [C, C] or [C, C+1] confusion matrix (rows = GT, with void
-    predictions in the extra column); NaN for a class with neither GT nor predicted pixels."""
-    conf = conf.double()
-    tp = conf.diagonal()
-    union = conf[:, :len(tp)].sum(0) + conf.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-
-
-def mean_iou(iou):
-    """Mean over the classes that occur (NaN entries left out), in percent."""
-    return 100 * iou[~iou.isnan()].mean().item()
-
-
-def present_classes(gt, num_classes):
-    """trainId mask [H,W] -> [C] float, 1 for each class in it: the image-level labels of one image."""
-    return (torch.bincount(gt[gt != 255].long(), minlength=num_classes)[:num_classes] > 0).float()
-
-
-@torch.no_grad()
-def evaluate(model, loader, num_classes, device, desc="val"):
-    """Whole-image inference at full resolution; the confusion matrix is summed on the device. Returns IoUs."""
-    model.eval()
-    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
-    for images, gts in tqdm(loader, desc=desc, leave=False):
-        conf += confusion_matrix(predict(model, images.to(device)), gts.to(device), num_classes)
-    model.train()
-    return iou_from_confusion(conf)
-
-
-@torch.no_grad()
-def evaluate_pseudo_masks(scorer, loader, num_classes, device):
-    """IoU of CLIP's global pseudo-masks on a split, restricted to each image's GT image-level labels."""
-    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
-    for images, gts in tqdm(loader, desc="pseudo-masks", leave=False):
-        gts = gts.to(device)
-        labels = torch.stack([present_classes(g, num_classes) for g in gts])
-        clip_x = normalize(images.to(device).float() / 255, CLIP_MEAN, CLIP_STD)
-        conf += confusion_matrix(pseudo_mask(scorer(clip_x), labels, gts.shape[-2:]), gts, num_classes)
-    return iou_from_confusion(conf)
-
-
-# Pictures: image | masks side by side, in the dataset's palette (void black), titled, with a legend below.
-VIS_TITLE_H, VIS_LEGEND_H, VIS_LEGEND_W, VIS_MAX_W = 16, 16, 112, 1024  # pixels
-
-
-def colorize(mask, data="cityscapes"):
-    """trainId mask [H,W] -> RGB uint8 [H,W,3] in the dataset's palette; void (255) black."""
-    palette = DATASETS[data].palette
-    lut = torch.zeros(256, 3, dtype=torch.uint8)
-    lut[:len(palette)] = torch.tensor(palette, dtype=torch.uint8)
-    return lut[mask.cpu().long()]
-
-
-def vis_strip(image, masks, data="cityscapes"):
-    """One picture per image: the image (uint8 [3,H,W]), then each trainId mask [H,W] of `masks` ({title: mask}),
-    side by side under their titles, then a legend of the classes present. Panels wider than VIS_MAX_W are shrunk
-    to it (a Cityscapes strip at full resolution would be 8192 px wide)."""
-    H, W = image.shape[-2:]
-    w, h = min(W, VIS_MAX_W), round(H * min(W, VIS_MAX_W) / W)
-    panels = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((w, h), Image.BILINEAR)]
-    panels += [Image.fromarray(colorize(m, data).numpy()).resize((w, h), Image.NEAREST) for m in masks.values()]
-    classes, palette = DATASETS[data].classes, DATASETS[data].palette
-    present = sorted({c for m in masks.values() for c in m.unique().tolist() if c < len(classes)})
-    per_row = max(1, len(panels) * w // VIS_LEGEND_W)
-    strip = Image.new("RGB", (len(panels) * w, VIS_TITLE_H + h + math.ceil(len(present) / per_row) * VIS_LEGEND_H),
-                      "white")
-    draw = ImageDraw.Draw(strip)  # PIL's default font: no font file to ship
-    for k, (title, panel) in enumerate(zip(["image", *masks], panels)):
-        strip.paste(panel, (k * w, VIS_TITLE_H))
-        draw.text((k * w + 3, 2), title, fill="black")
-    for n, c in enumerate(present):
-        x, y = n % per_row * VIS_LEGEND_W, VIS_TITLE_H + h + n // per_row * VIS_LEGEND_H
-        draw.rectangle((x + 3, y + 3, x + 13, y + 13), fill=palette[c], outline="black")
-        draw.text((x + 17, y + 2), classes[c], fill="black")
-    return strip
-
-
-@torch.no_grad()
-def write_val_strips(model, scorer, dataset, out_dir, device, n=4):
-    """The pictures of a validation: image | CLIP pseudo-mask | prediction | GT, for n fixed val images
-    (spread over the split), as out_dir/IMAGE_ID.png."""
-    model.eval()
-    os.makedirs(out_dir, exist_ok=True)
-    for i in range(0, len(dataset), max(1, len(dataset) // n))[:n]:
-        image, gt = dataset[i]
-        x = image[None].to(device)
-        labels = present_classes(gt, len(DATASETS[dataset.data].classes))[None].to(device)
-        clip_mask = pseudo_mask(scorer(normalize(x.float() / 255, CLIP_MEAN, CLIP_STD)), labels, gt.shape)[0]
-        strip = vis_strip(image, {"CLIP pseudo-mask": clip_mask, "prediction": predict(model, x)[0], "GT": gt},
-                          dataset.data)
-        strip.save(os.path.join(out_dir, image_id(dataset.images[i]) + ".png"))
-    model.train()
-
-
-def format_table(columns, class_names):
-    """Aligned per-class IoU table; columns = {title: iou tensor}."""
-    widths = [max(14, len(t) + 2) for t in columns]
-    lines = [f"{'class':<15}" + "".join(f"{t:>{n}}" for t, n in zip(columns, widths))]
-    for i, name in enumerate(class_names):
-        vals = [c[i].item() for c in columns.values()]
-        if all(math.isnan(v) for v in vals):
-            continue
-        lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
-                                             for v, n in zip(vals, widths)))
-    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
-    return "\n".join(lines)
-
-
-def load_checkpoint(path, flag):
-    """A carb.py checkpoint, loaded with weights_only=True (tensors and plain data; no code is unpickled)."""
-    if not os.path.isfile(path):
-        raise CarbError(f"{flag} {path} not found: pass RUN/last.pth or RUN/best.pth of a carb.py run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CarbError(f"{flag} {path} holds more than tensors and plain data: not a carb.py checkpoint") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CarbError(f"{flag} {path} cannot be read ({str(e).splitlines()[0]}): truncated or not a checkpoint; "
-                        "use the run's other checkpoint (last.pth / best.pth)") from None
-    if not (isinstance(ckpt, dict) and {"model", "iteration", "args"} <= ckpt.keys()
-            and isinstance(ckpt["model"], dict) and isinstance(ckpt["args"], dict)):
-        raise CarbError(f"{flag} {path} is not a carb.py checkpoint (no model, iteration and args)")
-    return ckpt
-
-
-def segmenter_from_checkpoint(path, flag="--ckpt", data=None):
-    """(Segmenter, run args) of a checkpoint, built from its own --backbone; its text classifier is in its weights.
-    It must be for the classes of `data` (default: the --data it was trained with)."""
-    ckpt = load_checkpoint(path, flag)
-    state, backbone = ckpt["model"], ckpt["args"].get("backbone")
-    trained_on = ckpt["args"].get("data", data or "cityscapes")  # a checkpoint without it: the classes of `data`
-    data = data or trained_on
-    if trained_on not in DATASETS:
-        raise CarbError(f"{flag} {path} was trained with --data {trained_on}, which this carb.py does not know "
-                        f"({', '.join(DATASETS)})")
-    if DATASETS[trained_on].classes != DATASETS[data].classes:
-        raise CarbError(f"{flag} {path} was trained with --data {trained_on}, whose classes are not those of --data "
-                        f"{data}: pass --data {trained_on}")
-    classes = DATASETS[data].classes
-    classifier = state.get("text_classifier")
-    if classifier is None or classifier.ndim != 2 or classifier.shape[0] != len(classes):
-        shape = None if classifier is None else list(classifier.shape)
-        raise CarbError(f"{flag} {path} has a text classifier of shape {shape}: carb evaluates the "
-                        f"{len(classes)} --data {data} classes, so it must be [{len(classes)}, D]")
-    if backbone not in BACKBONES:
-        raise CarbError(f"{flag} {path} was trained with --backbone {backbone}, which this carb.py does not know "
-                        f"({', '.join(BACKBONES)})")
-    model = Segmenter(backbone, classifier)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CarbError(f"{flag} {path}: its weights do not fit a {backbone} Segmenter "
-                        f"({str(e).splitlines()[-1].strip()[:160]})") from None
-    return model, ckpt["args"]
-
-
-def weights_are_finite(model):
-    return all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point())
-
-
 def worker_signals(done, worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, and live through a SIGTERM sent to every process (as
-    SLURM does) so that the main process can finish its iteration and save; once `done` (an Event) is set, the
-    main process no longer needs them and a SIGTERM ends them (as multiprocessing's exit-time terminate())."""
+    """DataLoader workers leave Ctrl-C to the main process and outlive a SIGTERM sent to every process (as SLURM
+    does), so that it can finish its iteration and save; once `done` is set, a SIGTERM ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if done.is_set() else None)
 
-
 LOG_COLUMNS = ["iteration", "lr", "global", "local", "ce_c", "ce_i", "w", "consistent", "inconsistent", "val_miou"]
 
-
 def open_log(path, start):
-    """RUN/log.csv, one row per iteration, appended as training goes. Rows of iterations >= start are dropped
-    (they will run again), so a resumed run's log equals an uninterrupted one's. Returns (file, csv writer)."""
+    """RUN/log.csv, a row per iteration; rows of iterations >= start are dropped (they will run again), so that a
+    resumed run's log equals an uninterrupted one's."""
     rows = []
     if start and os.path.isfile(path):
         with open(path, newline="") as f:
@@ -1115,255 +682,74 @@ def open_log(path, start):
     with open(path + ".tmp", "w", newline="") as f:
         csv.writer(f).writerows([LOG_COLUMNS] + rows)
     os.replace(path + ".tmp", path)
-    f = open(path, "a", newline="")
-    return f, csv.writer(f)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 7. main
-# ---------------------------------------------------------------------------------------------------
-
-# Per-dataset defaults. Cityscapes, CamVid, WildDash2: the official configs/carb/{cityscapes,camvid,wilddash2}_
-# carb_dual.py (2 GPUs x 4 images there; batch 8 on one GPU here). Synthetic: small enough to train on 2 CPU cores
-# in a few minutes.
-DEFAULTS = {
-    "cityscapes": dict(data_root="data/cityscapes", out="runs/cityscapes", iters=30000, batch_size=8,
-                       crop=(512, 1024), base_size=(1024, 2048), scale_range=(0.5, 2.0), window=(512, 256),
-                       multiplier=(1.0, 1.0), carb_start=16000, optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50",
-                       backbone_weights="IMAGENET1K_V1", clip_model="ViT-B/16", val_every=2000, workers=4,
-                       photometric=True),
-    "camvid": dict(data_root="data/camvid", out="runs/camvid", iters=12000, batch_size=8, crop=(720, 960),
-                   base_size=(720, 960), scale_range=(1.0, 4.0), window=(512, 256), multiplier=(2.0, 0.5),
-                   carb_start=4000, optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50",
-                   backbone_weights="IMAGENET1K_V1", clip_model="ViT-B/16", val_every=2000, workers=4,
-                   photometric=True),
-    "wilddash2": dict(data_root="data/wilddash2", out="runs/wilddash2", iters=30000, batch_size=8, crop=(512, 1024),
-                      base_size=(1024, 2048), scale_range=(0.5, 2.0), window=(512, 256), multiplier=(1.0, 1.0),
-                      carb_start=16000, optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50",
-                      backbone_weights="IMAGENET1K_V1", clip_model="ViT-B/16", val_every=2000, workers=4,
-                      photometric=True),
-    "synthetic": dict(data_root="data/synthetic", out="runs/synthetic", iters=400, batch_size=4,
-                      crop=(128, 256), base_size=(256, 512), scale_range=(0.5, 2.0), window=(128, 64),
-                      multiplier=(1.0, 1.0), carb_start=213, optimizer="adamw", lr=2e-3, min_lr=1e-5,
-                      backbone="mobilenet_v3_stride8",
-                      backbone_weights="none", clip_model="simulated", val_every=200, workers=1,
-                      photometric=False),
-}
-SYNTHETIC_SIZES = dict(n_train=300, n_val=40)
-# --benchmark: the Cityscapes model and schedule at a quarter of the official crop (and window), batch 2.
-BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="resnet50", optimizer="sgd", lr=0.005)
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="CARB: weakly supervised semantic segmentation for driving scenes.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = lambda key: "default: " + "; ".join(f"{n} {DEFAULTS[n][key]}" for n in DEFAULTS)  # noqa: E731
-    p.add_argument("--data", choices=list(DEFAULTS), default="synthetic",
-                   help="dataset: its classes, folder layout and the defaults below (README: CamVid and WildDash2)")
-    p.add_argument("--data-root", help=d("data_root"))
-    p.add_argument("--image-labels", metavar="FILE",
-                   help='JSON {"IMAGE_ID": ["CLASS", ...]}: the training images\' classes, given, so no train mask '
-                        "is read; without it they are listed once from the train masks")
-    p.add_argument("--out", help="run folder for last.pth, best.pth, log.csv; " + d("out"))
-    p.add_argument("--iters", type=int, help=d("iters"))
-    p.add_argument("--batch-size", type=int, help=d("batch_size"))
-    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help=d("crop"))
-    p.add_argument("--scale-range", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="random rescale of the dataset's fixed base size H W (" +
-                        "; ".join(f"{n} {DEFAULTS[n]['base_size']}" for n in DEFAULTS) + "); " + d("scale_range"))
-    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="global-local window; " + d("window"))
-    p.add_argument("--multiplier", type=float, nargs=2, metavar=("RATE", "OFFSET"),
-                   help="window up-scaling m = RATE * U[0,1) + OFFSET; " + d("multiplier"))
-    p.add_argument("--photometric", action=argparse.BooleanOptionalAction,
-                   help="mmseg's PhotoMetricDistortion; " + d("photometric"))
-    p.add_argument("--carb-start", type=int, help="iteration at which CARB replaces plain CE, 0..ITERS "
-                   "(ITERS: never, plain CE throughout); " + d("carb_start"))
-    p.add_argument("--region-weight", default="adaptive",
-                   help="'adaptive' (RegionBalancer, coeff 1, window 5) or a fixed float, e.g. 0.03")
-    p.add_argument("--no-local-view", action="store_true",
-                   help="train on the global view only (no Global-Local View Training; an ablation variant)")
-    p.add_argument("--ablation", action="store_true",
-                   help="run the paper's component ablation: the variants of ABLATION x 3 seeds, then one table")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], help=d("optimizer"))
-    p.add_argument("--lr", type=float, help=d("lr"))
-    p.add_argument("--min-lr", type=float, help=d("min_lr"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--clip-model", metavar="NAME_OR_PATH",
-                   help="clip.load name or local .pt; 'simulated' = the synthetic stand-in; " + d("clip_model"))
-    p.add_argument("--backbone", choices=list(BACKBONES), help=d("backbone"))
-    p.add_argument("--backbone-weights", help="torchvision weights name or 'none'; " + d("backbone_weights"))
-    p.add_argument("--val-every", type=int, help=d("val_every"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help=d("workers"))
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "carb"),
-                   help="image-level labels, CLIP text embeddings and precomputed global masks are cached here")
-    p.add_argument("--global-masks", choices=["online", "precompute"], default="online",
-                   help="online: CLIP labels each training crop (the official dual path); precompute: each training "
-                        "image once at the base size, cached in --cache-dir and augmented with its image (the "
-                        "official single path); the window's local mask is online in both")
-    p.add_argument("--profile", action="store_true",
-                   help="time each phase of the step (CUDA synchronized) and print a table after training")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time a step of DeepLabV3-ResNet-50 + CLIP ViT-B/16 with random weights (no data, no "
-                        "downloads; crop 256 512, batch 2 unless given) against its parts timed alone, and exit")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last.pth (exactly: same losses and weights as without "
-                        "the interruption); pass the run's other arguments again")
-    return p
-
-
-def parse_args(argv=None):
-    args = get_args_parser().parse_args(argv)
-    for key, value in (DEFAULTS[args.data] | (BENCHMARK if args.benchmark else {})).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
-
-
-def check_args(args):
-    for flag, value, low in (("--iters", args.iters, 1), ("--batch-size", args.batch_size, 1),
-                             ("--val-every", args.val_every, 1), ("--workers", args.workers, 0),
-                             ("--carb-start", args.carb_start, 0)):
-        if value < low:
-            raise CarbError(f"{flag} {value}: must be at least {low}")
-    if args.carb_start > args.iters:
-        raise CarbError(f"--carb-start {args.carb_start} is beyond --iters {args.iters}: to train without CARB "
-                        f"(plain cross-entropy throughout) pass --carb-start {args.iters}")
-    if min(args.crop) < 16 or min(args.window) < 16:
-        raise CarbError("--crop and --window sides must be at least 16 (one CLIP patch)")
-    lo, hi = args.scale_range
-    if not 0 < lo <= hi:
-        raise CarbError(f"--scale-range {lo} {hi}: need 0 < LO <= HI")
-    # Crops are always padded (as the official pipeline's Pad), so there is no "padding off"; but a crop larger
-    # than the largest rescaled image would be padding on every sample, which is a mistake (e.g. H and W swapped).
-    largest = [round(hi * side) for side in args.base_size]
-    if args.crop[0] > largest[0] or args.crop[1] > largest[1]:
-        raise CarbError(f"--crop {args.crop[0]} {args.crop[1]} is larger than the largest rescaled image "
-                        f"{largest[0]} x {largest[1]} (--scale-range HI {hi} x base size {args.base_size[0]} x "
-                        f"{args.base_size[1]}): every crop would be mostly padding; pass a smaller --crop (H W)")
-    if args.multiplier[0] < 0 or args.multiplier[1] <= 0:
-        raise CarbError(f"--multiplier {args.multiplier[0]} {args.multiplier[1]}: need RATE >= 0 and OFFSET > 0")
-    if not args.lr > 0 or not 0 <= args.min_lr <= args.lr:
-        raise CarbError(f"--lr {args.lr} --min-lr {args.min_lr}: need 0 <= --min-lr <= --lr and --lr > 0")
-    if args.region_weight != "adaptive":
-        try:
-            weight = float(args.region_weight)
-        except ValueError:
-            raise CarbError(f"--region-weight {args.region_weight}: use 'adaptive' or a number") from None
-        if not weight >= 0:
-            raise CarbError(f"--region-weight {args.region_weight}: must be 'adaptive' or a number >= 0")
-    if args.clip_model == "simulated" and DATASETS[args.data] is not DATASETS["cityscapes"]:
-        raise CarbError(f"--clip-model simulated knows only the Cityscapes classes (it is the synthetic stand-in): "
-                        f"pass a CLIP model for --data {args.data}, e.g. ViT-B/16")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CarbError(f"--out {args.out} is a file: pass a folder")
-    last = os.path.join(args.out, "last.pth")
-    if args.resume and not os.path.isfile(last):
-        raise CarbError(f"--resume: {last} not found; drop --resume to start a new run in {args.out}")
-    if not args.resume and os.path.isfile(last):  # a new run would overwrite it (and best.pth) at its first check
-        raise CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass "
-                        "another --out (or delete that folder) to start a new one")
-
-
-def build_scorer(args, device):
-    """(scorer, text_classifier): scorer maps CLIP-normalized images to stride-16 class scores."""
-    if args.clip_model == "simulated":
-        sim = SimulatedCLIP().to(device)
-        return sim, sim.text_classifier.cpu()
-    clip_model = load_clip(args.clip_model, device)
-    names = DATASETS[args.data].clip_names
-    key = hashlib.sha1(repr((os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model)
-                             else args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]
-    classifier = text_classifier(clip_model, names, os.path.join(args.cache_dir, f"text_{key}.pt"))
-    on_device = classifier.to(device)  # once: a copy from pageable memory at every call would stall the GPU queue
-    return (lambda images: maskclip_scores(clip_model, images, on_device)), classifier
-
-
-def init_distributed(device):
-    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) join the process group: NCCL with one GPU
-    per process, gloo on CPU. Returns (rank, world size, this process's device); (0, 1, device) without torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
+    return open(path, "a", newline="")
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM during training, raised once the last finished iteration is saved."""
+    """SIGINT or SIGTERM during training, raised once the last finished iteration is saved: (signum, iter, path)."""
 
-    def __init__(self, signum, iteration, path):
-        super().__init__(signum, iteration, path)
-        self.signum, self.iteration, self.path = signum, iteration, path
-
+def resume_checkpoint(args, last):
+    """RUN/last.pth for --resume, refused before any work if it cannot continue this run."""
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CarbError(f"--resume: {last} cannot be read ({str(e).splitlines()[0][:120]}); start afresh, or resume "
+                        "from a copy of best.pth") from None
+    for key in ("data", "backbone", "optimizer", "clip_model"):
+        if ckpt["args"].get(key) != getattr(args, key):
+            raise CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, "
+                            f"not {getattr(args, key)}: pass the run's own")
+    if ckpt["iteration"] > args.iters:
+        raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
+    return ckpt
 
 def main(args):
+    """Train with `args` (parse_args); print and return the val IoUs of the pseudo-masks and of the model."""
     check_args(args)
     last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
-    ckpt = load_checkpoint(last, "--resume") if args.resume else None
-    if ckpt:  # before any work: a checkpoint that cannot continue this run
-        for key in ("data", "backbone", "optimizer"):
-            if ckpt["args"].get(key) != getattr(args, key):
-                raise CarbError(f"--resume: {last} was trained with --{key} {ckpt['args'].get(key)}, not "
-                                f"{getattr(args, key)}: pass the run's own --{key}")
-        if ckpt["iteration"] > args.iters:
-            raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
-    rank, world, device = init_distributed(torch.device(args.device))
+    ckpt = resume_checkpoint(args, last) if args.resume else None
+    # torchrun: one process per GPU (gloo processes on a CPU); rank 0 alone writes files and prints
+    ddp, rank, world, device = "RANK" in os.environ, 0, 1, torch.device(args.device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank > 0:  # rank 0 writes the synthetic data and the caches first
+            dist.barrier()
     torch.manual_seed(args.seed)
-    if rank > 0:  # rank 0 writes the synthetic data and the caches first; the others then read them
-        dist.barrier()
     if args.data == "synthetic":
         make_synthetic(args.data_root, size=DEFAULTS["synthetic"]["base_size"], **SYNTHETIC_SIZES)
-    class_names = DATASETS[args.data].classes
-    num_classes = len(class_names)
-
+    num_classes = len(DATASETS[args.data].classes)
     train_images, train_gts = list_split(args.data_root, "train", args.data)
     if args.image_labels:  # given: no train mask is ever opened
         image_labels = read_image_labels(args.image_labels, train_images, args.data)
-    else:  # the only use of the train GT (and the first use checks each image against its label file)
+    else:  # the only use of the train GT
         image_labels = image_level_labels(train_gts, num_classes, args.cache_dir, train_images, args.data)
-    train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
-                             args.photometric)
-    val_images, val_gts = list_split(args.data_root, "val", args.data)
-    check_pairs(val_images, val_gts)  # now, not at the first validation
-    training_done = multiprocessing.Event()
-    worker_init = functools.partial(worker_signals, training_done)
-    val_set = EvalSet(val_images, val_gts, args.data)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=args.workers,
-                                             worker_init_fn=worker_init)
-
+    val_set = EvalSet(*list_split(args.data_root, "val", args.data), args.data)
+    check_pairs(val_set.images, val_set.gts)  # now, not at the first validation
     scorer, classifier = build_scorer(args, device)
-    if rank == 0 and world > 1:
+    if ddp and rank == 0:  # the data and caches are written: the other ranks can read them
         dist.barrier()
+    global_masks = None
     if args.global_masks == "precompute":
-        train_set.global_masks = precompute_global_masks(scorer, classifier, train_images, image_labels,
-                                                         args.base_size, args.clip_model, args.cache_dir, device,
-                                                         rank, world)
-        if world > 1:  # every rank's share is written
+        global_masks = precompute_global_masks(scorer, classifier, train_images, image_labels, args, device, rank,
+                                               world)
+        if ddp:  # every rank's share is written
             dist.barrier()
+
     model = Segmenter(args.backbone, classifier, args.backbone_weights).to(device)
-    if world > 1 and device.type == "cuda":  # one BatchNorm over all GPUs' images, as one GPU with N*B images
+    if ddp and device.type == "cuda":  # one BatchNorm over all GPUs' images, as one GPU with N*B images
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if args.optimizer == "sgd":  # the official schedule
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    else:  # synthetic default: a from-scratch backbone learns several times faster with AdamW in a short run
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    balancer = RegionBalancer() if args.region_weight == "adaptive" else None
-    if balancer and world > 1:  # fed the CEs averaged over the ranks: one w for all
-        balancer = DistributedRegionBalancer()
-    region_weight = balancer if balancer else float(args.region_weight)
-
+    optimizer = make_optimizer(args, model)
+    balancer = None
+    if args.region_weight == "adaptive":  # under torchrun fed the CEs averaged over the ranks: one w for all
+        balancer = DistributedRegionBalancer() if ddp else RegionBalancer()
     start, best, miou = 0, -1.0, None
     if ckpt:
-        shape = tuple(ckpt["model"].get("text_classifier", torch.empty(0)).shape)
-        if shape != tuple(classifier.shape):
-            raise CarbError(f"--resume: {last} has a text classifier of shape {list(shape)}, this run's (--clip-model "
-                            f"{args.clip_model}) is {list(classifier.shape)}: pass the run's own --clip-model")
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -1373,36 +759,34 @@ def main(args):
         if balancer and ckpt.get("balancer"):
             balancer.load_state_dict(ckpt["balancer"])
         start, best, miou = ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]
-    elif rank == 0:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise CarbError(f"--out {args.out}: cannot create it ({e.strerror}); pass a writable folder") from None
 
     def save(path, done):
-        if not weights_are_finite(model):
+        if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
             raise CarbError(f"the weights became non-finite by iteration {done}; {path} was not overwritten: "
                             "lower --lr")
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done,
                      "balancer": balancer.state_dict() if balancer else None, "miou": miou,
                      "best_miou": max(best, -1.0 if miou is None else miou), "args": vars(args)}, path)
 
-    # rank 0 alone writes log.csv, checkpoints and pictures, and prints
     if rank == 0:
-        log_file, log = open_log(os.path.join(args.out, "log.csv"), start)
-    else:
-        log_file = open(os.devnull, "w")
-        log = csv.writer(log_file)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            log = open_log(os.path.join(args.out, "log.csv"), start)
+        except OSError as e:
+            raise CarbError(f"--out {args.out}: cannot write there ({e.strerror}); pass a writable folder") from None
+    training_done = multiprocessing.Event()
+    worker_init = functools.partial(worker_signals, training_done)
+    train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
+                             args.photometric, global_masks)
     sampler = InfiniteSampler(len(train_set), args.seed, start * args.batch_size * world, rank, world, args.batch_size)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=sampler,
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        worker_init_fn=worker_init)
-    batches = iter(loader)
+    batches = iter(torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0, worker_init_fn=worker_init))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=args.workers,
+                                             worker_init_fn=worker_init)
     # torchrun: gradients averaged over the ranks in backward, so every rank takes the same step
-    ddp_model = model if world == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    ddp_model.train()
+    ddp_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
+        if ddp else model
 
     # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
     # except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
@@ -1410,7 +794,7 @@ def main(args):
 
     def request_stop(signum, frame):
         stop.append(signum)
-        if world == 1:
+        if not ddp:
             signal.signal(signum, handlers[signum])
 
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -1427,40 +811,34 @@ def main(args):
             # and the batch from (seed, sample number): a resumed run repeats the uninterrupted one, any --workers.
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             window = sample_window(args.crop, args.window, *args.multiplier, g)  # drawn even if unused: the
-            torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item() + rank)  # variants share randomness;
-            carb_on = it >= args.carb_start                                          # own dropout per rank
+            torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item() + rank)  # variants share randomness
             loss, logs = train_one_step(ddp_model, scorer, next(batches), None if args.no_local_view else window,
-                                        carb_on, balancer or region_weight, device, watch)
+                                        it >= args.carb_start, balancer or float(args.region_weight), device, watch)
             watch("CARB loss and balancer")
             if not math.isfinite(loss.item()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
                 raise CarbError(f"non-finite loss at iteration {it} ({terms}); {last} was not overwritten: "
                                 "lower --lr, or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            watch("segmentation forward+backward")
-            optimizer.step()
-            watch("optimizer")
+            backward_and_step(loss, optimizer, watch)
             bar.set_postfix({k: f"{logs[k]:.3f}" for k in LOG_COLUMNS[2:-2] if k in logs} | {"lr": f"{lr:.2e}"})
-
             done = it + 1
             validate = rank == 0 and (done % args.val_every == 0 or done == args.iters)
             if validate:
-                miou = mean_iou(evaluate(model, val_loader, num_classes, device))
+                miou = mean_iou(validate_model(model, scorer, val_loader, os.path.join(args.out, "vis", str(done))))
                 tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
-                write_val_strips(model, scorer, val_set, os.path.join(args.out, "vis", str(done)), device)
-            log.writerow([it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate else ""])
-            log_file.flush()
+            if rank == 0:
+                csv.writer(log).writerow([it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate
+                                                                                                       else ""])
+                log.flush()
             if validate:
                 save(last, done)
                 if miou > best:
                     best = miou
                     save(best_path, done)
-            if world > 1:  # all ranks stop after the same iteration, whichever got the signal
+            if ddp:  # all ranks stop after the same iteration, whichever got the signal
                 signum = torch.tensor(stop[:1] or [0], device=device)
                 dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-                if not stop:
-                    stop.extend(s for s in signum.tolist() if s)
+                stop[:] = [s for s in signum.tolist() if s]
             watch("between steps")
             if stop:
                 if rank == 0 and not validate:
@@ -1472,23 +850,253 @@ def main(args):
         training_done.set()
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        log_file.close()
+        if rank == 0:
+            log.close()
         bar.close()
     if rank > 0:
         return None
     if args.profile:
         print(watch.table(args.iters - start))
-
     # The paper's two numbers on the val split: CLIP's pseudo-masks and the trained model.
-    pseudo_iou = evaluate_pseudo_masks(scorer, val_loader, num_classes, device)
-    model_iou = evaluate(model, val_loader, num_classes, device)
-    print(format_table({"pseudo-mask": pseudo_iou, "model": model_iou}, class_names))
+    pseudo_iou = evaluate(functools.partial(clip_pseudo_mask, scorer, num_classes=num_classes), val_loader,
+                          num_classes, device)
+    model_iou = validate_model(model, scorer, val_loader)
+    print(format_table({"pseudo-mask": pseudo_iou, "model": model_iou}, DATASETS[args.data].classes))
     if args.data == "synthetic":
         print("(synthetic stand-in data and a simulated CLIP: these are not Cityscapes results)")
     print(f"pseudo-mask mIoU: {mean_iou(pseudo_iou):.2f}")
     print(f"model mIoU: {mean_iou(model_iou):.2f}")
     return pseudo_iou, model_iou
 
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Validation and pictures
+
+@torch.no_grad()
+def predict(model, images):
+    """uint8 images [B,3,H,W] -> trainIds [B,H,W]: the whole image at full resolution, as the official test config."""
+    x = TF.normalize(images.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return model(x).argmax(1)
+
+def present_classes(gt, num_classes):
+    """trainId mask [H,W] -> [C] float, 1 for each class in it: the image-level labels of one image."""
+    return (torch.bincount(gt[gt != 255].long(), minlength=num_classes)[:num_classes] > 0).float()
+
+def clip_pseudo_mask(scorer, images, gts, num_classes):
+    """CLIP's global pseudo-masks of uint8 images [B,3,H,W], restricted to the classes in their GT masks [B,H,W]."""
+    labels = torch.stack([present_classes(g, num_classes) for g in gts])
+    return pseudo_mask(scorer(TF.normalize(images.float() / 255, CLIP_MEAN, CLIP_STD)), labels, gts.shape[-2:])
+
+def confusion_matrix(pred, gt, num_classes):
+    """[C, C+1] counts, rows = ground truth, columns = prediction. Pixels with gt 255 are skipped; the last column
+    counts void predictions (255, or any id >= C): a miss for the GT class and a false positive for none, as a
+    prediction of an ignored labelId in the official Cityscapes evaluation."""
+    keep = gt != 255
+    idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
+    return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
+
+def iou_from_confusion(conf):
+    """Per-class IoU = tp / (tp + fp + fn) of a [C, C] or [C, C+1] confusion matrix; NaN for a class with neither
+    GT nor predicted pixels."""
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf[:, :len(tp)].sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+def mean_iou(iou):
+    """Mean over the classes that occur (NaN entries left out), in percent."""
+    return 100 * iou[~iou.isnan()].mean().item()
+
+@torch.no_grad()
+def evaluate(predict_fn, loader, num_classes, device):
+    """Per-class IoU over a split of (image, GT) pairs, predict_fn(images, gts) -> trainIds: one confusion matrix."""
+    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
+    for images, gts in tqdm(loader, desc="val", leave=False):
+        images, gts = images.to(device), gts.to(device)
+        conf += confusion_matrix(predict_fn(images, gts), gts, num_classes)
+    return iou_from_confusion(conf)
+
+def validate_model(model, scorer, loader, vis_dir=None, n=4):
+    """The model's per-class IoU on the val split; with `vis_dir`, pictures of n val images spread over the split
+    (image | CLIP pseudo-mask | prediction | GT) as vis_dir/IMAGE_ID.png."""
+    model.eval()
+    device, dataset = next(model.parameters()).device, loader.dataset
+    num_classes = len(DATASETS[dataset.data].classes)
+    iou = evaluate(lambda images, gts: predict(model, images), loader, num_classes, device)
+    for i in range(0, len(dataset), max(1, len(dataset) // n))[:n] if vis_dir else ():
+        image, gt = (t.to(device) for t in dataset[i])
+        masks = {"CLIP pseudo-mask": clip_pseudo_mask(scorer, image[None], gt[None], num_classes)[0],
+                 "prediction": predict(model, image[None])[0], "GT": gt}
+        os.makedirs(vis_dir, exist_ok=True)
+        vis_strip(image, masks, dataset.data).save(os.path.join(vis_dir, image_id(dataset.images[i]) + ".png"))
+    model.train()
+    return iou
+
+def format_table(columns, class_names):
+    """Aligned per-class IoU table; columns = {title: iou tensor}."""
+    widths = [max(14, len(t) + 2) for t in columns]
+    lines = [f"{'class':<15}" + "".join(f"{t:>{n}}" for t, n in zip(columns, widths))]
+    for i, name in enumerate(class_names):
+        vals = [c[i].item() for c in columns.values()]
+        if not all(math.isnan(v) for v in vals):
+            lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
+                                                 for v, n in zip(vals, widths)))
+    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
+    return "\n".join(lines)
+
+def colorize(mask, data="cityscapes"):
+    """trainId mask [H,W] -> RGB uint8 [H,W,3] in the dataset's palette; void (255) black."""
+    palette = torch.zeros(256, 3, dtype=torch.uint8)
+    palette[:len(DATASETS[data].palette)] = torch.tensor(DATASETS[data].palette, dtype=torch.uint8)
+    return palette[mask.cpu().long()]
+
+def vis_strip(image, masks, data="cityscapes", title_h=16, legend_w=112, max_w=1024):
+    """One picture: the image (uint8 [3,H,W]) and each trainId mask of `masks` ({title: [H,W]}) side by side under
+    their titles (panels shrunk to max_w wide), then a legend of the classes present."""
+    H, W = image.shape[-2:]
+    w, h = min(W, max_w), round(H * min(W, max_w) / W)
+    panels = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((w, h), Image.BILINEAR)]
+    panels += [Image.fromarray(colorize(m, data).numpy()).resize((w, h), Image.NEAREST) for m in masks.values()]
+    classes, palette = DATASETS[data].classes, DATASETS[data].palette
+    present = sorted({c for m in masks.values() for c in m.unique().tolist() if c < len(classes)})
+    per_row = max(1, len(panels) * w // legend_w)
+    strip = Image.new("RGB", (len(panels) * w, title_h * (1 + math.ceil(len(present) / per_row)) + h), "white")
+    draw = ImageDraw.Draw(strip)  # PIL's default font: no font file to ship
+    for k, (title, panel) in enumerate(zip(["image", *masks], panels)):
+        strip.paste(panel, (k * w, title_h))
+        draw.text((k * w + 3, 2), title, fill="black")
+    for n, c in enumerate(present):
+        x, y = n % per_row * legend_w, title_h + h + n // per_row * title_h
+        draw.rectangle((x + 3, y + 3, x + 13, y + 13), fill=palette[c], outline="black")
+        draw.text((x + 17, y + 2), classes[c], fill="black")
+    return strip
+
+# ---------------------------------------------------------------------------------------------------
+# 9. The command line
+
+# Per-dataset defaults. Cityscapes, CamVid, WildDash2: the official configs/carb/*_carb_dual.py (2 GPUs x 4 images
+# there; batch 8 on one GPU here). Synthetic: small enough to train on 2 CPU cores in a few minutes.
+CITYSCAPES_DEFAULTS = dict(
+    data_root="data/cityscapes", out="runs/cityscapes", iters=30000, batch_size=8, crop=(512, 1024),
+    base_size=(1024, 2048), scale_range=(0.5, 2.0), window=(512, 256), multiplier=(1.0, 1.0), carb_start=16000,
+    optimizer="sgd", lr=0.005, min_lr=1e-4, backbone="resnet50", backbone_weights="IMAGENET1K_V1",
+    clip_model="ViT-B/16", val_every=2000, workers=4, photometric=True)
+DEFAULTS = {
+    "cityscapes": CITYSCAPES_DEFAULTS,
+    "camvid": CITYSCAPES_DEFAULTS | dict(data_root="data/camvid", out="runs/camvid", iters=12000, crop=(720, 960),
+                                         base_size=(720, 960), scale_range=(1.0, 4.0), multiplier=(2.0, 0.5),
+                                         carb_start=4000),
+    "wilddash2": CITYSCAPES_DEFAULTS | dict(data_root="data/wilddash2", out="runs/wilddash2"),
+    "synthetic": dict(data_root="data/synthetic", out="runs/synthetic", iters=400, batch_size=4, crop=(128, 256),
+                      base_size=(256, 512), scale_range=(0.5, 2.0), window=(128, 64), multiplier=(1.0, 1.0),
+                      carb_start=213, optimizer="adamw", lr=2e-3, min_lr=1e-5, backbone="mobilenet_v3_stride8",
+                      backbone_weights="none", clip_model="simulated", val_every=200, workers=1, photometric=False),
+}
+SYNTHETIC_SIZES = dict(n_train=300, n_val=40)
+# --benchmark: the Cityscapes networks at a quarter of the official crop (and window), batch 2.
+BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="resnet50", optimizer="sgd", lr=0.005)
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="CARB: weakly supervised semantic segmentation for driving scenes.")
+    d = lambda key: "default: " + "; ".join(f"{n} {DEFAULTS[n][key]}" for n in DEFAULTS)  # noqa: E731
+    p.add_argument("--data", choices=list(DEFAULTS), default="synthetic", help="dataset: classes, layout, defaults")
+    p.add_argument("--data-root", help=d("data_root"))
+    p.add_argument("--image-labels", metavar="FILE", help='JSON {"IMAGE_ID": ["CLASS", ...]}: the training images\' '
+                   "classes, so that no train mask is read (default: listed once from the train masks)")
+    p.add_argument("--out", help="run folder: last.pth, best.pth, log.csv, vis/; " + d("out"))
+    p.add_argument("--iters", type=int, help=d("iters"))
+    p.add_argument("--batch-size", type=int, help=d("batch_size"))
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help=d("crop"))
+    p.add_argument("--scale-range", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="random rescale of the base size (" + d("base_size") + "); " + d("scale_range"))
+    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="global-local window; " + d("window"))
+    p.add_argument("--multiplier", type=float, nargs=2, metavar=("RATE", "OFFSET"),
+                   help="window up-scaling m = RATE * U[0,1) + OFFSET; " + d("multiplier"))
+    p.add_argument("--photometric", action=argparse.BooleanOptionalAction, help=d("photometric"))
+    p.add_argument("--carb-start", type=int, help="iteration from which CARB replaces plain CE (ITERS: never); "
+                   + d("carb_start"))
+    p.add_argument("--region-weight", default="adaptive", help="'adaptive' (RegionBalancer) or a fixed float")
+    p.add_argument("--no-local-view", action="store_true", help="global view only (an ablation variant)")
+    p.add_argument("--ablation", action="store_true", help="the paper's component ablation: ABLATION x 3 seeds")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help=d("optimizer"))
+    p.add_argument("--lr", type=float, help=d("lr"))
+    p.add_argument("--min-lr", type=float, help=d("min_lr"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clip-model", metavar="NAME_OR_PATH", help="clip.load name or .pt file; 'simulated' = the "
+                   "synthetic stand-in; " + d("clip_model"))
+    p.add_argument("--backbone", choices=list(BACKBONES), help=d("backbone"))
+    p.add_argument("--backbone-weights", help="torchvision weights name or 'none'; " + d("backbone_weights"))
+    p.add_argument("--val-every", type=int, help=d("val_every"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, help=d("workers"))
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "carb"),
+                   help="for image-level labels, text embeddings, precomputed masks (default: ~/.cache/carb)")
+    p.add_argument("--global-masks", choices=["online", "precompute"], default="online", help="online: CLIP on each "
+                   "crop (official dual path); precompute: once per image, cached (official single path)")
+    p.add_argument("--profile", action="store_true", help="time each phase of the step; print a table at the end")
+    p.add_argument("--benchmark", action="store_true", help="time a few steps of the paper's networks with random "
+                   "weights on a random batch (no data, no downloads), and exit")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly from its last.pth")
+    return p
+
+def parse_args(argv=None):
+    args = get_args_parser().parse_args(argv)
+    for key, value in (DEFAULTS[args.data] | (BENCHMARK if args.benchmark else {})).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+def check_args(args):
+    """The refusals that need no file, each a one-line error naming the flag."""
+    lo, hi = args.scale_range
+    largest = [round(hi * side) for side in args.base_size]
+    last = os.path.join(args.out, "last.pth")
+    try:
+        weight = float(args.region_weight) if args.region_weight != "adaptive" else 0.0
+    except ValueError:
+        raise CarbError(f"--region-weight {args.region_weight}: use 'adaptive' or a number") from None
+    for bad, message in [
+        *[(value < low, f"{flag} {value}: must be at least {low}") for flag, value, low in (
+            ("--iters", args.iters, 1), ("--batch-size", args.batch_size, 1), ("--val-every", args.val_every, 1),
+            ("--workers", args.workers, 0), ("--carb-start", args.carb_start, 0))],
+        (args.carb_start > args.iters, f"--carb-start {args.carb_start} is beyond --iters {args.iters}: to train "
+                                       f"without CARB (plain cross-entropy throughout) pass --carb-start {args.iters}"),
+        (min(args.crop) < 16 or min(args.window) < 16, "--crop and --window sides must be at least 16 (a CLIP patch)"),
+        (not 0 < lo <= hi, f"--scale-range {lo} {hi}: need 0 < LO <= HI"),
+        # crops are padded (the official Pad); one larger than every rescaled image is a mistake (H and W swapped?)
+        (args.crop[0] > largest[0] or args.crop[1] > largest[1],
+         f"--crop {args.crop[0]} {args.crop[1]} is larger than the largest rescaled image {largest[0]} x {largest[1]} "
+         f"(--scale-range HI {hi} x base size {args.base_size[0]} x {args.base_size[1]}): every crop would be mostly "
+         "padding; pass a smaller --crop (H W)"),
+        (args.multiplier[0] < 0 or args.multiplier[1] <= 0,
+         f"--multiplier {args.multiplier[0]} {args.multiplier[1]}: need RATE >= 0 and OFFSET > 0"),
+        (not (args.lr > 0 and 0 <= args.min_lr <= args.lr),
+         f"--lr {args.lr} --min-lr {args.min_lr}: need 0 <= --min-lr <= --lr and --lr > 0"),
+        (not weight >= 0, f"--region-weight {args.region_weight}: must be 'adaptive' or a number >= 0"),
+        (args.clip_model == "simulated" and DATASETS[args.data] is not DATASETS["cityscapes"],
+         f"--clip-model simulated knows only the Cityscapes classes: pass a CLIP model for --data {args.data}"),
+        (not os.path.isdir(args.data_root), f"--data-root {args.data_root} is not a folder: pass the dataset's root"),
+        (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file: pass a folder"),
+        (args.resume and not os.path.isfile(last), f"--resume: {last} not found; drop --resume to start a new run"),
+        (not args.resume and os.path.isfile(last), f"--out {args.out} already holds a run ({last}): add --resume to "
+                                                   "continue it, or pass another --out (or delete it) to start anew"),
+    ]:
+        if bad:
+            raise CarbError(message)
+
+def build_scorer(args, device):
+    """(scorer, text_classifier): scorer maps CLIP-normalized images to stride-16 class scores."""
+    if args.clip_model == "simulated":
+        sim = SimulatedCLIP().to(device)
+        return sim, sim.text_classifier.cpu()
+    clip_model = load_clip(args.clip_model, device)
+    names = DATASETS[args.data].clip_names
+    key = hashlib.sha1(repr((os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model)
+                             else args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]
+    classifier = text_classifier(clip_model, names, os.path.join(args.cache_dir, f"text_{key}.pt"))
+    on_device = classifier.to(device)  # once: a copy from pageable memory at every call would stall the GPU queue
+    return functools.partial(maskclip_scores, clip_model, text_classifier=on_device), classifier
 
 # The paper's component ablation (its Table 3), each variant a flag combination of the normal command line.
 ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"]),
@@ -1499,9 +1107,8 @@ ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"
 ABLATION_SEEDS = (0, 1, 2)
 ABLATION_ITERS = {"synthetic": 150}  # per run, so that 5 variants x 3 seeds fit in 20 minutes on 2 CPU cores
 
-
 def ablation(argv):
-    """Train every ABLATION variant with each seed (same budget) via main(), then print the comparison."""
+    """Train every ABLATION variant with each seed (same budget) through main(), then print the comparison."""
     given, args = get_args_parser().parse_args(argv), parse_args(argv)  # what the user set; with the defaults
     if args.resume:
         raise CarbError("--ablation starts its runs afresh: drop --resume (delete the ablation folder to re-run)")
@@ -1510,120 +1117,54 @@ def ablation(argv):
     base = [a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every", str(iters)]
     names = DATASETS[args.data].classes
     small = [names.index(c) for c in ("traffic light", "traffic sign", "pole", "SignSymbol", "Pole") if c in names]
-    results = {}  # (variant, seed) -> [mIoU, small-class IoUs...]
+    results = {}  # (variant, seed) -> [mIoU, the small classes' IoUs...]
     for seed in ABLATION_SEEDS:
         for i, (name, flags) in enumerate(ABLATION):
-            flags = [str(iters) if f == "ITERS" else f for f in flags]
+            flags = [str(iters) if f == "ITERS" else f for f in flags] + ["--seed", str(seed)]
             out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
-            print(f"\n=== ablation {name}, seed {seed}: carb.py {shlex.join(flags)} --out {out}", flush=True)
-            pseudo, model = main(parse_args(base + ["--carb-start", str(carb_start)] + flags
-                                            + ["--seed", str(seed), "--out", out]))
+            print(f"\n=== ablation {name}: carb.py {shlex.join(flags)} --out {out}", flush=True)
+            pseudo, model = main(parse_args(base + ["--carb-start", str(carb_start), *flags, "--out", out]))
             results[name, seed] = [mean_iou(model)] + [100 * model[c].item() for c in small]
-    columns = ["mIoU"] + [f"IoU {names[c]}" for c in small]
-    print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; "
-          f"pseudo-mask mIoU (reference) {mean_iou(pseudo):.2f}")
-    print(f"{'seed 0':<26}" + "".join(f"{c:>20}" for c in columns))
-    for name, _ in ABLATION:
-        print(f"{name:<26}" + "".join(f"{v:>20.2f}" for v in results[name, 0]))
-    print(f"{'mean ± std, seeds ' + ' '.join(map(str, ABLATION_SEEDS)):<26}" + "".join(f"{c:>20}" for c in columns))
+    print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU "
+          f"(reference) {mean_iou(pseudo):.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
+    print(f"{'':<26}" + "".join(f"{c:>20}" for c in ["mIoU"] + [f"IoU {names[c]}" for c in small]))
     for name, _ in ABLATION:
         runs = torch.tensor([results[name, s] for s in ABLATION_SEEDS])
-        mean, std = runs.mean(0), runs.std(0)  # std over seeds (n - 1)
-        print(f"{name:<26}" + "".join(f"{f'{m:.2f} ± {d:.2f}':>20}" for m, d in zip(mean.tolist(), std.tolist())))
+        print(f"{name:<26}" + "".join(f"{f'{m:.2f} ± {s:.2f}':>20}" for m, s in zip(runs.mean(0), runs.std(0))))
     return results
 
-
-def benchmark(args, reps=3):
-    """python carb.py --benchmark: one step of the paper's networks -- DeepLabV3 (--backbone, default ResNet-50) and
-    CLIP ViT-B/16 built by clip.model.build_model from a random state dict -- on random images, no data and no
-    downloads, against its unavoidable parts each timed alone: CLIP on the crop, CLIP on the up-scaled window, and
-    the segmentation step (forward, backward, SGD step). The CARB-specific work (pseudo-masks restricted to the
-    labels, consistency split, both losses and their backward to the logits, balancer) is timed as the step with
-    both networks replaced by their saved outputs. Medians of `reps` rounds after one warm-up round."""
+def benchmark(args, steps=3):
+    """--benchmark: --profile's stopwatch over a few steps of the paper's networks, CLIP ViT-B/16 and DeepLabV3
+    (--backbone) with random weights, on a random batch: no data, no downloads. The first step warms up."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import clip.model
-    device = torch.device(args.device)
+        warnings.simplefilter("ignore")  # clip imports pkg_resources
+        import clip
+    device, (H, W), B = torch.device(args.device), args.crop, args.batch_size
     torch.manual_seed(args.seed)
-    vit_b16 = clip.model.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                              vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
-                              transformer_heads=8, transformer_layers=12)
+    vit_b16 = clip.model.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)  # ViT-B/16's shapes
     clip_model = clip.model.build_model(vit_b16.state_dict()).to(device).requires_grad_(False)  # fp16, as clip.load
-    if device.type == "cpu":
-        clip_model.float()
-    classifier = F.normalize(torch.randn(len(CLASS_NAMES), 512), dim=-1).to(device)
-    scorer = functools.partial(maskclip_scores, clip_model, text_classifier=classifier)
+    classifier = F.normalize(torch.randn(len(CLASS_NAMES), 512), dim=-1)
+    scorer = functools.partial(maskclip_scores, clip_model.float() if device.type == "cpu" else clip_model,
+                               text_classifier=classifier.to(device))
     model = Segmenter(args.backbone, classifier).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    balancer = RegionBalancer()
-    (H, W), B = args.crop, args.batch_size
-    images = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8)
-    labels = (torch.rand(B, len(CLASS_NAMES)) < 0.5).float()
-    batch = (images, labels, torch.tensor([[H, W]] * B))
-    top, left, h, w, _ = sample_window(args.crop, args.window, *args.multiplier, torch.Generator().manual_seed(0))
-    window = (top, left, h, w, args.multiplier[1] + args.multiplier[0] / 2)  # m at its mean, the same every round
-
-    def step(batch, model=model, scorer=scorer):  # main's iteration, less the data loader and the log
-        loss, _ = train_one_step(model, scorer, batch, window, True, balancer, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    # the parts' inputs, made as train_one_step makes them
-    x = images.to(device).float() / 255
-    clip_x = normalize(x, CLIP_MEAN, CLIP_STD)
-    patch = F.interpolate(clip_x[:, :, top:top + h, left:left + w], size=(int(h * window[4]), int(w * window[4])),
-                          mode="bilinear", align_corners=False)
-    seg_x = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-    if device.type == "cuda":
-        seg_x = seg_x.contiguous(memory_format=torch.channels_last)
-
-    def segmentation_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(seg_x)
-        optimizer.zero_grad(set_to_none=True)
-        logits.float().mean().backward()
-        optimizer.step()
-
-    scores = [scorer(clip_x), scorer(patch)]
-    with torch.no_grad():
-        logits = model(seg_x).float().requires_grad_()
-    batch_precomputed = batch + (pseudo_mask(scores[0], labels.to(device), (H, W)).to(torch.uint8).cpu(),)
-
-    def carb_work():
-        saved = iter(scores)
-        step(batch, model=lambda seg_x: logits, scorer=lambda clip_images: next(saved))
-
-    unavoidable = {"CLIP global (crop)": lambda: scorer(clip_x), "CLIP local (window)": lambda: scorer(patch),
-                   "segmentation step (fwd+bwd+SGD)": segmentation_step}
-    parts = unavoidable | {"full step": lambda: step(batch), "CARB-specific work": carb_work,
-                           "full step, --global-masks precompute": lambda: step(batch_precomputed)}
-    times = {name: [] for name in parts}
-    for r in tqdm(range(reps + 1), desc="benchmark", leave=False):
-        for name, fn in parts.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if r:  # round 0 warms up
-                times[name].append(time.perf_counter() - t)
-    t = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
-    t["sum of the unavoidable parts"] = sum(t[name] for name in unavoidable)
-    print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}\ncrop {H}x{W}, batch {B}, window {h}x{w} "
-          f"up-scaled x{window[4]:g}; medians of {reps} rounds after a warm-up round")
-    for name in [*unavoidable, "sum of the unavoidable parts", "full step", "CARB-specific work"]:
-        print(f"  {name:<38}{t[name]:8.3f} s" + ("   (alone)" if name in unavoidable else ""))
-    precomputed = t["full step, --global-masks precompute"]
-    print(f"  {'full step, --global-masks precompute':<38}{precomputed:8.3f} s   "
-          f"({t['full step'] / precomputed:.2f}x faster)")
-    print(f"step/unavoidable: {t['full step'] / t['sum of the unavoidable parts']:.2f}")
-    print(f"carb share: {100 * t['CARB-specific work'] / t['full step']:.1f}%")
-
+    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    optimizer, balancer, watch = make_optimizer(args, model), RegionBalancer(), Stopwatch(device, True)
+    batch = (torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), (torch.rand(B, len(CLASS_NAMES)) < 0.5).float(),
+             torch.tensor([[H, W]] * B))
+    for step in tqdm(range(steps + 1), desc="benchmark", leave=False):
+        window = sample_window(args.crop, args.window, *args.multiplier, torch.Generator().manual_seed(step))
+        if step == 1:  # the first step warms up
+            watch.totals.clear()
+        loss, _ = train_one_step(model, scorer, batch, window, True, balancer, device, watch)
+        watch("CARB loss and balancer")
+        backward_and_step(loss, optimizer, watch)
+    print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} ({torch.get_num_threads()}"
+          f" threads), torch {torch.__version__}; crop {H}x{W}, batch {B}, window {window[2]}x{window[3]}, {steps} steps")
+    print(watch.table(steps))
+    t = watch.totals
+    step = sum(t[p] for p in Stopwatch.STEP)
+    print(f"step/unavoidable: {step / (t['CLIP global'] + t['CLIP local'] + t[Stopwatch.STEP[3]] + t['optimizer']):.2f}")
+    print(f"carb share: {100 * t['CARB loss and balancer'] / step:.1f}%")
 
 def run(argv=None):
     """The command line: bad input is one line on stderr and exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""
@@ -1631,22 +1172,19 @@ def run(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         args = parse_args(argv)
-        if args.ablation:
-            ablation(argv)
-        else:
-            (benchmark if args.benchmark else main)(args)
-        return
+        return ablation(argv) if args.ablation else benchmark(args) if args.benchmark else main(args)
     except CarbError as e:
         message, code = f"carb.py: error: {e}", 2
     except Interrupted as e:
+        signum, iteration, path = e.args
         if int(os.environ.get("RANK", 0)) > 0:  # rank 0 reports and exits 128 + signal; if this rank exited
-            return                              # non-zero first, torchrun would kill rank 0 before it could
-        launcher = (["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if "LOCAL_WORLD_SIZE"
-                    in os.environ else ["python"])
+            return None                         # non-zero first, torchrun would kill rank 0 before it could
+        launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if "RANK" in os.environ \
+            else ["python"]
         command = shlex.join([*launcher, script, *[a for a in argv if a != "--resume"], "--resume"])
-        message = (f"carb.py: stopped by {signal.Signals(e.signum).name} after iteration {e.iteration}; saved "
-                   f"{e.path}\ncarb.py: to continue: {command}")
-        code = 128 + e.signum
+        message = (f"carb.py: stopped by {signal.Signals(signum).name} after iteration {iteration}; saved {path}\n"
+                   f"carb.py: to continue: {command}")
+        code = 128 + signum
     except KeyboardInterrupt:  # outside the training loop (setup, final evaluation) or a second Ctrl-C
         message, code = "carb.py: interrupted; the checkpoints in --out are as last saved", 128 + signal.SIGINT
     except OSError as e:
@@ -1659,6 +1197,130 @@ def run(argv=None):
     print(message, file=sys.stderr)
     sys.exit(code)
 
+# ===================================================================================================
+# Appendix, not part of the method: the synthetic stand-in, for a demo without a GPU, Cityscapes or CLIP weights.
+# Procedural driving-like scenes written once in the Cityscapes layout, a simulated CLIP, and a small backbone.
+# ===================================================================================================
+
+SYNTH_COLORS = {  # labelId: (name, RGB): the scene's own colours, one base colour per class
+    7: ("road", (80, 80, 88)), 8: ("sidewalk", (175, 160, 150)), 11: ("building", (125, 95, 80)),
+    17: ("pole", (45, 45, 40)), 19: ("traffic light", (240, 120, 30)), 20: ("traffic sign", (225, 215, 50)),
+    21: ("vegetation", (60, 125, 45)), 23: ("sky", (130, 180, 235)), 24: ("person", (200, 50, 70)),
+    26: ("car", (40, 60, 160)),
+}
+
+def render_scene(rng, height, width):
+    """One synthetic street: (RGB uint8 [H,W,3], labelIds uint8 [H,W]). Sky, buildings and trees above the
+    horizon, a road in perspective with sidewalks, cars, people, poles carrying traffic lights or signs."""
+    H, W = height, width
+    lab = np.full((H, W), 23, np.uint8)
+    col = np.zeros((H, W, 3), np.float32)
+    yy, xx = np.mgrid[0:H, 0:W]
+
+    def paint(mask, label_id):
+        lab[mask] = label_id
+        col[mask] = np.array(SYNTH_COLORS[label_id][1]) + rng.normal(0, 12, 3)  # per-instance colour jitter
+
+    def box(bottom, height, left, width, label_id):
+        paint((yy <= bottom) & (yy > bottom - height) & (xx >= left) & (xx < left + width), label_id)
+
+    paint(np.ones((H, W), bool), 23)
+    horizon = int(H * rng.uniform(0.4, 0.55))
+    x = 0
+    while x < W:  # skyline: buildings and trees
+        w = int(rng.integers(W // 12, W // 4))
+        top = int(rng.integers(int(0.05 * H), horizon - H // 10))
+        if rng.random() < 0.7:
+            box(horizon - 1, horizon - top, x, w, 11)
+        else:
+            cy, ry = (top + horizon) / 2, (horizon - top) / 2 + 4
+            paint(((yy - cy) / ry) ** 2 + ((xx - x - w / 2) / (w / 2)) ** 2 < 1, 21)
+        x += w
+    below = yy >= horizon
+    paint(below, 8)
+    cx = W * rng.uniform(0.35, 0.65)
+    half = W * 0.06 + (yy - horizon) / (H - horizon) * W * rng.uniform(0.45, 0.7)  # road widens towards the camera
+    paint(below & (np.abs(xx - cx) < half), 7)
+    depth = lambda y: 0.25 + 0.75 * (y - horizon) / (H - horizon)  # noqa: E731  (size ~ distance to horizon)
+    for _ in range(int(rng.integers(1, 5))):  # cars on the road
+        y = int(rng.uniform(horizon + 0.2 * (H - horizon), H - 2))
+        w, h = int(W * 0.22 * depth(y)), int(H * 0.17 * depth(y))
+        box(y, h, int(cx + rng.uniform(-1, 1) * max(half[y, 0] - w, 1) - w / 2), w, 26)
+    for _ in range(int(rng.integers(0, 4))):  # people on the sidewalks
+        y = int(rng.uniform(horizon + 0.1 * (H - horizon), H - 2))
+        w, h = max(2, int(W * 0.02 * depth(y))), max(5, int(H * 0.12 * depth(y)))
+        box(y, h, int(rng.uniform(0, W - w)), w, 24)
+    for _ in range(int(rng.integers(1, 4))):  # poles with a traffic light or a sign: the small objects
+        y = int(rng.uniform(horizon + 0.05 * (H - horizon), horizon + 0.6 * (H - horizon)))
+        h, w = int(H * rng.uniform(0.3, 0.5) * depth(y)), max(2, int(W * 0.006))
+        x0 = int(rng.uniform(0, W - 12))
+        box(y, h, x0, w, 17)
+        if rng.random() < 0.5:  # a traffic light: a small box on top of the pole
+            bw, bh = max(3, int(W * 0.012)), max(6, int(H * 0.045))
+            box(y - h, bh, x0 - bw // 3, bw, 19)
+        else:  # a traffic sign: a small square
+            b = max(5, int(W * 0.018))
+            box(y - h, b, x0 - b // 3, b, 20)
+    col = col * rng.uniform(0.85, 1.15) + rng.normal(0, 8, (H, W, 3))  # illumination and sensor noise
+    return np.clip(col, 0, 255).astype(np.uint8), lab
+
+def make_synthetic(root, n_train, n_val, size, seed=0):
+    """Write the synthetic dataset once (a split that is already complete is skipped)."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        img_dir, gt_dir = os.path.join(root, "leftImg8bit", split, "synth"), os.path.join(root, "gtFine", split, "synth")
+        if len(glob(os.path.join(gt_dir, "*_labelIds.png"))) == n:
+            continue
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(gt_dir, exist_ok=True)
+        rng = np.random.default_rng([seed, split == "val"])
+        for i in tqdm(range(n), desc=f"writing synthetic {split}", leave=False):
+            rgb, lab = render_scene(rng, *size)
+            name = f"synth_{i:06d}_000019"
+            Image.fromarray(rgb).save(os.path.join(img_dir, name + "_leftImg8bit.png"))
+            Image.fromarray(lab).save(os.path.join(gt_dir, name + "_gtFine_labelIds.png"))
+
+class SimulatedCLIP(nn.Module):
+    """The stand-in for MaskCLIP, with its call: CLIP-normalized images [B,3,H,W] -> scores [B,C,H/16,W/16]. A fixed
+    classifier that sees only pixels, never GT: each pixel votes softly for the class of the nearest scene colour,
+    and a 16x16 patch's score is its share of the votes -- so, as in ViT-B/16, an object much smaller than a patch
+    is outvoted by its background. Plus blob noise: the image's fine texture through a fixed random projection,
+    pooled to the patch grid and blurred, spatially coherent errors like CLIP's. Its `text_classifier` (random
+    orthonormal rows) is the segmentation model's."""
+
+    def __init__(self, noise=0.2, dim=512, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        colors = [SYNTH_COLORS[c.id][1] if c.id in SYNTH_COLORS else c.color for c in CITYSCAPES]
+        self.register_buffer("colors", torch.tensor(colors, dtype=torch.float32) / 255)  # [C, 3]
+        self.register_buffer("projection", torch.randn(len(colors), 3, 1, 1, generator=g))
+        self.register_buffer("text_classifier", torch.linalg.qr(torch.randn(dim, len(colors), generator=g))[0].t())
+        self.noise, self.temperature, self.patch = noise, 0.01, 16
+
+    @torch.inference_mode()
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        gh, gw = max(1, int(H / self.patch + 0.5)), max(1, int(W / self.patch + 0.5))
+        images = F.interpolate(images.float(), size=(gh * self.patch, gw * self.patch), mode="bilinear")
+        mean, std = (torch.tensor(v, device=images.device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+        rgb = images * std + mean
+        dist2 = ((rgb[:, None] - self.colors[None, :, :, None, None]) ** 2).sum(2)  # [B, C, H, W]
+        share = F.avg_pool2d(torch.softmax(-dist2 / self.temperature, 1), self.patch)
+        texture = rgb - F.avg_pool2d(rgb, 5, 1, 2, count_include_pad=False)
+        blobs = F.avg_pool2d(F.conv2d(texture, self.projection), self.patch)
+        blobs = TF.gaussian_blur(blobs, kernel_size=5, sigma=1.5)
+        blobs = (blobs - blobs.mean((2, 3), keepdim=True)) / (blobs.std((2, 3), keepdim=True) + 1e-6)
+        return share + self.noise * blobs
+
+def deeplabv3_mobilenet_stride8(weights=None, weights_backbone=None, num_classes=21, aux_loss=False):
+    """The synthetic default: DeepLabV3's head on MobileNetV3-Large cut after its stride-8 stage (7 blocks, 40
+    channels). torchvision's DeepLabV3-MobileNetV3 predicts at stride 16, as coarse as CLIP's patches; at stride 8
+    the model is finer than CLIP, as the paper's ResNet-50 is. Same signature as torchvision's builders."""
+    features = torchvision.models.mobilenet_v3_large(weights=weights_backbone).features[:7]
+    backbone = create_feature_extractor(features, {"6": "out"})
+    return torchvision.models.segmentation.DeepLabV3(backbone, DeepLabHead(40, num_classes))
+
+BACKBONES["mobilenet_v3_stride8"] = (deeplabv3_mobilenet_stride8, torchvision.models.MobileNet_V3_Large_Weights)
+DATASETS["synthetic"] = DATASETS["cityscapes"]  # written as Cityscapes labelIds in the Cityscapes layout
 
 if __name__ == "__main__":
     run()

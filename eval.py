@@ -16,12 +16,15 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import sys
 from glob import glob
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
@@ -85,7 +88,7 @@ class Frames(carb.EvalSet):
     """carb's EvalSet, also without ground truth (the test split, --images): then the mask is None."""
 
     def __getitem__(self, i):
-        return super().__getitem__(i) if self.gts else (carb.read_image(self.images[i]), None)
+        return super().__getitem__(i) if self.gts else (carb.read_file(self.images[i]), None)
 
 
 def list_images(folder):
@@ -97,11 +100,71 @@ def list_images(folder):
     return images
 
 
+def load_checkpoint(path, flag="--ckpt"):
+    """A carb.py checkpoint, loaded with weights_only=True (tensors and plain data; no code is unpickled)."""
+    if not os.path.isfile(path):
+        raise carb.CarbError(f"{flag} {path} not found: pass RUN/last.pth or RUN/best.pth of a carb.py run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise carb.CarbError(f"{flag} {path} holds more than tensors and plain data: not a carb.py checkpoint") \
+            from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise carb.CarbError(f"{flag} {path} cannot be read ({str(e).splitlines()[0]}): truncated or not a "
+                             "checkpoint; use the run's other checkpoint (last.pth / best.pth)") from None
+    if not (isinstance(ckpt, dict) and {"model", "iteration", "args"} <= ckpt.keys()
+            and isinstance(ckpt["model"], dict) and isinstance(ckpt["args"], dict)):
+        raise carb.CarbError(f"{flag} {path} is not a carb.py checkpoint (no model, iteration and args)")
+    return ckpt
+
+
 def load_model(path, device, data=None):
-    # The text classifier is a buffer of the model, so no CLIP is needed to predict. Loaded with weights_only;
-    # a missing, truncated or foreign checkpoint (another class count, dataset or backbone) is a one-line error.
-    model, ckpt_args = carb.segmenter_from_checkpoint(path, "--ckpt", data)
-    return model.to(device).eval(), ckpt_args
+    """(Segmenter in eval mode, run args) of a checkpoint, built from its own --backbone; its text classifier is in
+    its weights, so no CLIP is needed. It must be for the classes of `data` (default: the --data it was trained
+    with); a checkpoint that does not fit is a one-line error."""
+    ckpt = load_checkpoint(path)
+    state, backbone = ckpt["model"], ckpt["args"].get("backbone")
+    trained_on = ckpt["args"].get("data", data or "cityscapes")  # a checkpoint without it: the classes of `data`
+    data = data or trained_on
+    if trained_on not in carb.DATASETS:
+        raise carb.CarbError(f"--ckpt {path} was trained with --data {trained_on}, which this carb.py does not know "
+                             f"({', '.join(carb.DATASETS)})")
+    if carb.DATASETS[trained_on].classes != carb.DATASETS[data].classes:
+        raise carb.CarbError(f"--ckpt {path} was trained with --data {trained_on}, whose classes are not those of "
+                             f"--data {data}: pass --data {trained_on}")
+    classes = carb.DATASETS[data].classes
+    classifier = state.get("text_classifier")
+    if classifier is None or classifier.ndim != 2 or classifier.shape[0] != len(classes):
+        shape = None if classifier is None else list(classifier.shape)
+        raise carb.CarbError(f"--ckpt {path} has a text classifier of shape {shape}: carb evaluates the "
+                             f"{len(classes)} --data {data} classes, so it must be [{len(classes)}, D]")
+    if backbone not in carb.BACKBONES:
+        raise carb.CarbError(f"--ckpt {path} was trained with --backbone {backbone}, which this carb.py does not "
+                             f"know ({', '.join(carb.BACKBONES)})")
+    model = carb.Segmenter(backbone, classifier)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise carb.CarbError(f"--ckpt {path}: its weights do not fit a {backbone} Segmenter "
+                             f"({str(e).splitlines()[-1].strip()[:160]})") from None
+    return model.to(device).eval(), ckpt["args"]
+
+
+@torch.no_grad()
+def predict_tta(model, images, scales=(1.0,), flip=False):
+    """Test-time augmentation, as mmseg's aug_test: the softmax averaged over the scales and (with flip) their
+    mirror images, each resized back to the image first. uint8 images [B,3,H,W] -> trainIds [B,H,W]."""
+    x = TF.normalize(images.float() / 255, carb.IMAGENET_MEAN, carb.IMAGENET_STD)
+    H, W = x.shape[-2:]
+    probs = 0
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear", align_corners=False)
+        for flipped in (False, True)[:1 + flip]:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                logits = model(xs.flip(-1) if flipped else xs)
+            logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+            probs = probs + (logits.flip(-1) if flipped else logits).softmax(1)
+    return probs.argmax(1)
 
 
 def id_in(name, wanted):
@@ -163,7 +226,7 @@ def read_prediction(path, fmt, size, num_classes):
 def clip_view(scorer, image, labels, scale, tiles):
     """CLIP's pseudo-mask [H,W] of one image seen as tiles x tiles windows, each up-scaled by `scale`, stitched back:
     the paper's Fig. 3 views -- (1, 1) original, (2, 1) resize x2, (1, 2) quarter crops, (2, 2) both."""
-    x = carb.normalize(image[None].float() / 255, carb.CLIP_MEAN, carb.CLIP_STD)
+    x = TF.normalize(image[None].float() / 255, carb.CLIP_MEAN, carb.CLIP_STD)
     H, W = image.shape[-2:]
     ys, xs = [round(H * k / tiles) for k in range(tiles + 1)], [round(W * k / tiles) for k in range(tiles + 1)]
     mask = torch.empty(H, W, dtype=torch.long, device=image.device)
@@ -218,6 +281,8 @@ def main(args):
         label_dir = os.path.dirname(os.path.join(root, ds.labels.format(split=args.split)).split("*")[0])
         if (label_ids and args.split == "test") or not os.path.isdir(label_dir):
             gts = None  # Cityscapes' test labels are placeholders; a split without its label folder has none
+        else:
+            carb.check_pairs(images, gts)
     check_args(args, gts is not None)
     ids = [carb.image_id(p) for p in images]
     # The columns: title -> f(image uint8 [3,H,W] on the device, GT's classes [C] or None, index) -> trainIds [H,W]
@@ -232,7 +297,7 @@ def main(args):
     if model is not None:
         views["model"] = lambda image, labels, i: carb.predict(model, image[None])[0]
         if args.flip or args.scales != [1.0]:  # reported beside the single-scale number, never instead of it
-            views["model TTA"] = lambda image, labels, i: carb.predict(model, image[None], args.scales, args.flip)[0]
+            views["model TTA"] = lambda image, labels, i: predict_tta(model, image[None], args.scales, args.flip)[0]
     if args.pred_dir:
         pred_files = match_predictions(args.pred_dir, ids, args.split)
         views["predictions"] = lambda image, labels, i: \
