@@ -1,18 +1,10 @@
-"""carb.py -- Weakly Supervised Semantic Segmentation for Driving Scenes (CARB), in one file.
+"""carb.py -- Weakly Supervised Semantic Segmentation for Driving Scenes (CARB: Kim, Lee, Choe, Shim, AAAI 2024,
+arXiv 2312.13646; official code github.com/k0u-id/CARB), in one file. Run `python carb.py --data synthetic`.
 
-Kim, Lee, Choe, Shim, AAAI 2024 (arXiv 2312.13646); official code: github.com/k0u-id/CARB.
-
-    python carb.py --data synthetic                                  # offline, CPU, a few minutes
-    python carb.py --data cityscapes --data-root data/cityscapes     # the paper's setting, one GPU
-
-The method comes first, in the paper's order, and ends before line 400:
-  1. CLIP pseudo-masks   MaskCLIP: CLIP ViT-B/16 labels every pixel with one of the image's classes
-  2. Global-Local View   CLIP also labels an up-scaled window of the crop (recovers small objects)
-  3. Model               torchvision DeepLabV3 whose classifier is CLIP's text embeddings
-  4. CARB loss           consistency-aware region balancing (a copy-paste block that needs only torch)
-  5. One training step
-Then the experiment: data, the training loop, validation and pictures, the command line. Last, an appendix that is
-not part of the method: the synthetic stand-in (scenes, a simulated CLIP, a small backbone) for CPU-only demos.
+Lines 1-400 are the method, in the paper's order: 1. CLIP pseudo-masks, 2. Global-Local View, 3. the model,
+4. the CARB loss (a copy-paste block that needs only torch), 5. one training step. Then the experiment: 6. data,
+7. the training loop, 8. validation and pictures, 9. the command line; last, an appendix that is not the method:
+the synthetic stand-in (scenes, a simulated CLIP, a small backbone) for demos without a GPU, data or CLIP weights.
 """
 import argparse
 import collections
@@ -89,29 +81,20 @@ def load_clip(name_or_path, device):
     with warnings.catch_warnings():  # clip imports pkg_resources, and torch.jit.load is deprecated: both warn
         warnings.simplefilter("ignore")
         import clip
-        if os.path.isfile(name_or_path):
+        try:
+            if not os.path.isfile(name_or_path):  # unknown names, offline downloads: RuntimeError, URLError (OSError)
+                return clip.load(name_or_path, device=device, jit=False)[0].eval().requires_grad_(False)
             try:
-                try:
-                    state = torch.jit.load(name_or_path, map_location="cpu").state_dict()
-                except RuntimeError:  # not TorchScript: a state dict
-                    state = torch.load(name_or_path, map_location="cpu", weights_only=True)
-                model = clip.model.build_model(state).to(device)  # as clip.load(jit=False) does
-            except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
-                    pickle.UnpicklingError) as e:
-                raise CarbError(f"--clip-model {name_or_path}: not a CLIP checkpoint ({type(e).__name__}); pass "
-                                "OpenAI's .pt file (e.g. ~/.cache/clip/ViT-B-16.pt) or a CLIP state dict") from None
-        elif name_or_path in clip.available_models():
-            try:
-                model, _ = clip.load(name_or_path, device=device, jit=False)  # checks the download's SHA256
-            except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # URLError is an OSError
-                raise CarbError(f"--clip-model {name_or_path}: cannot download or load ({e}); offline, download the "
-                                ".pt elsewhere and pass its path, e.g. --clip-model ~/.cache/clip/ViT-B-16.pt") from None
-        else:
-            raise CarbError(f"--clip-model {name_or_path}: not a CLIP model name {clip.available_models()} "
-                            "nor an existing file")
-    if str(device) == "cpu":
-        model.float()
-    return model.eval().requires_grad_(False)
+                state = torch.jit.load(name_or_path, map_location="cpu").state_dict()
+            except RuntimeError:  # not TorchScript: a state dict
+                state = torch.load(name_or_path, map_location="cpu", weights_only=True)
+            model = clip.model.build_model(state).to(device)  # as clip.load(jit=False) does
+        except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
+                pickle.UnpicklingError) as e:
+            raise CarbError(f"--clip-model {name_or_path}: cannot load it ({type(e).__name__}: {str(e)[:80]}); pass "
+                            f"one of {clip.available_models()}, or offline the path of its .pt file (e.g. "
+                            "~/.cache/clip/ViT-B-16.pt) or of a CLIP state dict") from None
+    return (model.float() if str(device) == "cpu" else model).eval().requires_grad_(False)
 
 @torch.no_grad()
 def text_classifier(clip_model, class_names, cache_file=None):
@@ -639,11 +622,20 @@ class Stopwatch:
         other = sum(self.totals.values()) - step
         return "\n".join(lines + [f"{'(between steps: val, checkpoints)':<34}{other:>10.2f}"])
 
-def make_optimizer(args, model):
+def make_model(args, classifier, device, ddp=False):
+    """The Segmenter, its optimizer and its region weight (a RegionBalancer, or the fixed --region-weight)."""
+    model = Segmenter(args.backbone, classifier, args.backbone_weights).to(device)
+    if ddp and device.type == "cuda":  # one BatchNorm over all GPUs' images, as one GPU with N*B images
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     if args.optimizer == "sgd":  # the official schedule
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    # synthetic default: a from-scratch backbone learns several times faster with AdamW in a short run
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    else:  # synthetic default: a from-scratch backbone learns several times faster with AdamW in a short run
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    if args.region_weight != "adaptive":
+        return model, optimizer, float(args.region_weight)
+    return model, optimizer, DistributedRegionBalancer() if ddp else RegionBalancer()  # torchrun: one w for all
 
 def poly_lr(it, iters, base_lr, min_lr, power=0.9):
     """mmcv's poly schedule with a floor: (base - min) * (1 - it/iters)^power + min."""
@@ -739,15 +731,8 @@ def main(args):
         if ddp:  # every rank's share is written
             dist.barrier()
 
-    model = Segmenter(args.backbone, classifier, args.backbone_weights).to(device)
-    if ddp and device.type == "cuda":  # one BatchNorm over all GPUs' images, as one GPU with N*B images
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(args, model)
-    balancer = None
-    if args.region_weight == "adaptive":  # under torchrun fed the CEs averaged over the ranks: one w for all
-        balancer = DistributedRegionBalancer() if ddp else RegionBalancer()
+    model, optimizer, region_weight = make_model(args, classifier, device, ddp)
+    balancer = region_weight if isinstance(region_weight, RegionBalancer) else None
     start, best, miou = 0, -1.0, None
     if ckpt:
         try:
@@ -813,7 +798,7 @@ def main(args):
             window = sample_window(args.crop, args.window, *args.multiplier, g)  # drawn even if unused: the
             torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item() + rank)  # variants share randomness
             loss, logs = train_one_step(ddp_model, scorer, next(batches), None if args.no_local_view else window,
-                                        it >= args.carb_start, balancer or float(args.region_weight), device, watch)
+                                        it >= args.carb_start, region_weight, device, watch)
             watch("CARB loss and balancer")
             if not math.isfinite(loss.item()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
@@ -1108,25 +1093,22 @@ ABLATION_SEEDS = (0, 1, 2)
 ABLATION_ITERS = {"synthetic": 150}  # per run, so that 5 variants x 3 seeds fit in 20 minutes on 2 CPU cores
 
 def ablation(argv):
-    """Train every ABLATION variant with each seed (same budget) through main(), then print the comparison."""
+    """Train every ABLATION variant with each seed, the same budget, through main(); then print the comparison."""
     given, args = get_args_parser().parse_args(argv), parse_args(argv)  # what the user set; with the defaults
-    if args.resume:
-        raise CarbError("--ablation starts its runs afresh: drop --resume (delete the ablation folder to re-run)")
     iters = given.iters or ABLATION_ITERS.get(args.data, args.iters)
     carb_start = given.carb_start if given.carb_start is not None else round(iters * 16000 / 30000)  # official ratio
-    base = [a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every", str(iters)]
     names = DATASETS[args.data].classes
-    small = [names.index(c) for c in ("traffic light", "traffic sign", "pole", "SignSymbol", "Pole") if c in names]
+    small = [c for c, name in enumerate(names) if name.lower() in ("traffic light", "traffic sign", "pole", "signsymbol")]
     results = {}  # (variant, seed) -> [mIoU, the small classes' IoUs...]
-    for seed in ABLATION_SEEDS:
-        for i, (name, flags) in enumerate(ABLATION):
-            flags = [str(iters) if f == "ITERS" else f for f in flags] + ["--seed", str(seed)]
-            out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
-            print(f"\n=== ablation {name}: carb.py {shlex.join(flags)} --out {out}", flush=True)
-            pseudo, model = main(parse_args(base + ["--carb-start", str(carb_start), *flags, "--out", out]))
-            results[name, seed] = [mean_iou(model)] + [100 * model[c].item() for c in small]
+    for seed, (i, (name, flags)) in itertools.product(ABLATION_SEEDS, enumerate(ABLATION)):
+        flags = [str(iters) if f == "ITERS" else f for f in flags] + ["--seed", str(seed)]
+        out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
+        print(f"\n=== ablation {name}: carb.py {shlex.join(flags)} --out {out}", flush=True)
+        pseudo, model = main(parse_args([a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every",
+                                         str(iters), "--carb-start", str(carb_start), *flags, "--out", out]))
+        results[name, seed] = [mean_iou(model)] + [100 * model[c].item() for c in small]
     print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU "
-          f"(reference) {mean_iou(pseudo):.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
+          f"{mean_iou(pseudo):.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
     print(f"{'':<26}" + "".join(f"{c:>20}" for c in ["mIoU"] + [f"IoU {names[c]}" for c in small]))
     for name, _ in ABLATION:
         runs = torch.tensor([results[name, s] for s in ABLATION_SEEDS])
@@ -1139,18 +1121,17 @@ def benchmark(args, steps=3):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clip imports pkg_resources
         import clip
-    device, (H, W), B = torch.device(args.device), args.crop, args.batch_size
+    device, (H, W), B, C = torch.device(args.device), args.crop, args.batch_size, len(CLASS_NAMES)
     torch.manual_seed(args.seed)
-    vit_b16 = clip.model.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)  # ViT-B/16's shapes
-    clip_model = clip.model.build_model(vit_b16.state_dict()).to(device).requires_grad_(False)  # fp16, as clip.load
-    classifier = F.normalize(torch.randn(len(CLASS_NAMES), 512), dim=-1)
+    clip_model = clip.model.build_model(clip.model.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12).state_dict())
+    clip_model = clip_model.to(device).requires_grad_(False)  # ViT-B/16's shapes; fp16 on a GPU, as clip.load
+    classifier = F.normalize(torch.randn(C, 512), dim=-1)
     scorer = functools.partial(maskclip_scores, clip_model.float() if device.type == "cpu" else clip_model,
                                text_classifier=classifier.to(device))
-    model = Segmenter(args.backbone, classifier).to(device)
-    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
-    optimizer, balancer, watch = make_optimizer(args, model), RegionBalancer(), Stopwatch(device, True)
-    batch = (torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), (torch.rand(B, len(CLASS_NAMES)) < 0.5).float(),
+    model, optimizer, balancer = make_model(args, classifier, device)
+    batch = (torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), (torch.rand(B, C) < 0.5).float(),
              torch.tensor([[H, W]] * B))
+    watch = Stopwatch(device, True)
     for step in tqdm(range(steps + 1), desc="benchmark", leave=False):
         window = sample_window(args.crop, args.window, *args.multiplier, torch.Generator().manual_seed(step))
         if step == 1:  # the first step warms up
@@ -1158,12 +1139,14 @@ def benchmark(args, steps=3):
         loss, _ = train_one_step(model, scorer, batch, window, True, balancer, device, watch)
         watch("CARB loss and balancer")
         backward_and_step(loss, optimizer, watch)
-    print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} ({torch.get_num_threads()}"
-          f" threads), torch {torch.__version__}; crop {H}x{W}, batch {B}, window {window[2]}x{window[3]}, {steps} steps")
+    print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}; crop {H}x{W}, batch {B}, window "
+          f"{window[2]}x{window[3]}; {steps} steps after a warm-up step")
     print(watch.table(steps))
     t = watch.totals
     step = sum(t[p] for p in Stopwatch.STEP)
-    print(f"step/unavoidable: {step / (t['CLIP global'] + t['CLIP local'] + t[Stopwatch.STEP[3]] + t['optimizer']):.2f}")
+    unavoidable = t["CLIP global"] + t["CLIP local"] + t["segmentation forward+backward"] + t["optimizer"]
+    print(f"step/unavoidable: {step / unavoidable:.2f}")
     print(f"carb share: {100 * t['CARB loss and balancer'] / step:.1f}%")
 
 def run(argv=None):
