@@ -9,7 +9,6 @@ the synthetic stand-in (scenes, a simulated CLIP, a small backbone) for demos wi
 import argparse
 import collections
 import csv
-import errno
 import functools
 import itertools
 import hashlib
@@ -671,10 +670,11 @@ def open_log(path, start):
     if start and os.path.isfile(path):
         with open(path, newline="") as f:
             rows = [r for r in csv.reader(f) if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) < start]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", newline="") as f:
         csv.writer(f).writerows([LOG_COLUMNS] + rows)
     os.replace(path + ".tmp", path)
-    return open(path, "a", newline="")
+    return open(path, "a", newline="", buffering=1)  # line-buffered: each row is on disk when written
 
 class Interrupted(Exception):
     """SIGINT or SIGTERM during training, raised once the last finished iteration is saved: (signum, iter, path)."""
@@ -753,12 +753,7 @@ def main(args):
                      "balancer": balancer.state_dict() if balancer else None, "miou": miou,
                      "best_miou": max(best, -1.0 if miou is None else miou), "args": vars(args)}, path)
 
-    if rank == 0:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            log = open_log(os.path.join(args.out, "log.csv"), start)
-        except OSError as e:
-            raise CarbError(f"--out {args.out}: cannot write there ({e.strerror}); pass a writable folder") from None
+    log = open_log(os.path.join(args.out, "log.csv"), start) if rank == 0 else open(os.devnull, "w")
     training_done = multiprocessing.Event()
     worker_init = functools.partial(worker_signals, training_done)
     train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
@@ -811,10 +806,8 @@ def main(args):
             if validate:
                 miou = mean_iou(validate_model(model, scorer, val_loader, os.path.join(args.out, "vis", str(done))))
                 tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
-            if rank == 0:
-                csv.writer(log).writerow([it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate
-                                                                                                       else ""])
-                log.flush()
+            row = [it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate else ""]
+            csv.writer(log).writerow(row)
             if validate:
                 save(last, done)
                 if miou > best:
@@ -828,15 +821,12 @@ def main(args):
             if stop:
                 if rank == 0 and not validate:
                     save(last, done)
-                bar.n = done  # the bar counts an iteration when the next one starts
-                bar.refresh()
                 raise Interrupted(stop[0], done, last)
     finally:
         training_done.set()
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        if rank == 0:
-            log.close()
+        log.close()
         bar.close()
     if rank > 0:
         return None
@@ -1162,18 +1152,15 @@ def run(argv=None):
         signum, iteration, path = e.args
         if int(os.environ.get("RANK", 0)) > 0:  # rank 0 reports and exits 128 + signal; if this rank exited
             return None                         # non-zero first, torchrun would kill rank 0 before it could
-        launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if "RANK" in os.environ \
-            else ["python"]
-        command = shlex.join([*launcher, script, *[a for a in argv if a != "--resume"], "--resume"])
+        launcher = [f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}" if "RANK" in os.environ else "python"]
+        command = " ".join(launcher + [shlex.join([script, *[a for a in argv if a != "--resume"], "--resume"])])
         message = (f"carb.py: stopped by {signal.Signals(signum).name} after iteration {iteration}; saved {path}\n"
                    f"carb.py: to continue: {command}")
         code = 128 + signum
     except KeyboardInterrupt:  # outside the training loop (setup, final evaluation) or a second Ctrl-C
         message, code = "carb.py: interrupted; the checkpoints in --out are as last saved", 128 + signal.SIGINT
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        message, code = f"carb.py: error: disk full ({e}): free space, then run again with --resume", 2
+    except OSError as e:  # a folder that cannot be written, a full disk
+        message, code = f"carb.py: error: {e}: fix or free it, then run again (with --resume for a run)", 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
