@@ -91,8 +91,8 @@ def load_clip(name_or_path, device):
         except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
                 pickle.UnpicklingError) as e:
             raise CarbError(f"--clip-model {name_or_path}: cannot load it ({type(e).__name__}: {str(e)[:80]}); pass "
-                            f"one of {clip.available_models()}, or offline the path of its .pt file (e.g. "
-                            "~/.cache/clip/ViT-B-16.pt) or of a CLIP state dict") from None
+                            f"one of {clip.available_models()}, or (offline) pass its path: OpenAI's .pt file "
+                            "(e.g. ~/.cache/clip/ViT-B-16.pt) or a CLIP state dict") from None
     return (model.float() if str(device) == "cpu" else model).eval().requires_grad_(False)
 
 @torch.no_grad()
@@ -340,10 +340,10 @@ CAMVID = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "
 WILDDASH2 = ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
              "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
              "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"]
-INDEX_LABELS = torch.arange(256, dtype=torch.uint8)  # label files that hold the class index itself
 
 # One class table and folder layout per dataset. `images` and `labels` are globs under --data-root with the same
-# wildcards: an image's label file is the label glob with the image's own matches.
+# wildcards: an image's label file is the label glob with the image's own matches. CamVid and WildDash2 label files
+# hold the class index itself (to_train: the identity).
 Dataset = collections.namedtuple("Dataset", "classes clip_names palette images labels label_values to_train")
 DATASETS = {
     # CARB's names for CLIP: "tree" for vegetation, "pedestrian" for person, ... Labels: labelIds, 255 = -1.
@@ -356,7 +356,8 @@ DATASETS = {
     "camvid": Dataset(CAMVID, [c.lower() for c in CAMVID],  # in the SegNet palette, as the official code
                       [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
                        (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)],
-                      "img/{split}/*.png", "mask/{split}/*.png", list(range(11)) + [255], INDEX_LABELS),
+                      "img/{split}/*.png", "mask/{split}/*.png", list(range(11)) + [255],
+                      torch.arange(256, dtype=torch.uint8)),
     "wilddash2": Dataset(WILDDASH2, [c.replace("road marking", "roadmarking") for c in WILDDASH2],
                          [(0, 20, 50), (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
                           (180, 165, 180), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
@@ -364,7 +365,7 @@ DATASETS = {
                           (0, 60, 100), (0, 0, 230), (119, 11, 32), (40, 0, 100), (0, 40, 120), (174, 64, 67),
                           (210, 170, 100), (196, 176, 128)],
                          "img/{split}/*.jpg", "mask/{split}/*_labelTrainIds.png", list(range(25)) + [255],
-                         INDEX_LABELS),
+                         torch.arange(256, dtype=torch.uint8)),
 }
 
 def list_split(root, split, data="cityscapes"):
@@ -435,24 +436,21 @@ def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None, data=
 
 def read_image_labels(path, image_paths, data="cityscapes"):
     """--image-labels: a JSON object {image id: [class names]} -> [N, C] uint8 for `image_paths`, in order."""
-    classes = DATASETS[data].classes
+    index = {name.lower(): c for c, name in enumerate(DATASETS[data].classes)}
     try:
         with open(path) as f:
             tags = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise CarbError(f"--image-labels {path}: unreadable, or not JSON ({e})") from None
-    if not isinstance(tags, dict) or not all(isinstance(v, list) for v in tags.values()):
+    if not isinstance(tags, dict):
         raise CarbError(f'--image-labels {path} must be one JSON object {{"IMAGE_ID": ["CLASS", ...], ...}}')
-    index = {name.lower(): c for c, name in enumerate(classes)}
-    labels = torch.zeros(len(image_paths), len(classes), dtype=torch.uint8)
+    labels = torch.zeros(len(image_paths), len(index), dtype=torch.uint8)
     for i, key in enumerate(map(image_id, image_paths)):
-        if key not in tags:
-            raise CarbError(f"--image-labels {path} has no entry for {key} ({image_paths[i]}): list every training "
-                            "image, with [] for one that shows none of the classes")
-        for name in tags[key]:
+        for name in tags.get(key, [None]):
             if str(name).lower() not in index:
-                raise CarbError(f"--image-labels {path}: {key} lists {name!r}, which is not a --data {data} class "
-                                f"({', '.join(classes)})")
+                raise CarbError(f"--image-labels {path}: {key} ({image_paths[i]}) " + (
+                    f"lists {name!r}, not a --data {data} class ({', '.join(index)})" if name else "has no entry: list "
+                    "every training image, with [] for one that shows none of the classes"))
             labels[i, index[name.lower()]] = 1
     return labels
 
@@ -548,8 +546,8 @@ class EvalSet(torch.utils.data.Dataset):
 # 7. The training loop
 
 def atomic_save(obj, path):
-    """torch.save to PATH.tmp, flushed to disk, then renamed over `path`: at any instant `path` is the complete old
-    or the complete new file, and a failed write (full disk) leaves it as it was."""
+    """torch.save to PATH.tmp, flushed to disk, then renamed over `path`: at any instant `path` is a complete file,
+    and a failed write (full disk) leaves it as it was."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         with open(path + ".tmp", "wb") as f:
@@ -557,13 +555,11 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except BaseException as e:
+    except OSError as e:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        if isinstance(e, OSError):
-            raise CarbError(f"cannot write {path} ({e.strerror or e}): free disk space, then run again "
-                            f"(with --resume for a run); {path} was left as it was") from None
-        raise
+        raise CarbError(f"cannot write {path} ({e.strerror or e}): free disk space, then run again (with --resume for "
+                        f"a run); {path} was left as it was") from None
 
 def load_cache(path):
     """A value cached in --cache-dir, or None where there is none or it is damaged (it is then recomputed)."""
@@ -584,16 +580,14 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
              for i, p in enumerate(images)]
     os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
     for i in tqdm(range(rank, len(images), world), desc="global pseudo-masks", leave=False, disable=rank > 0):
-        if os.path.isfile(paths[i]):  # a file that exists is complete
-            continue
-        img = read_file(images[i])
-        h, w = img.shape[-2:]
-        s = min(max(args.base_size) / max(h, w), min(args.base_size) / min(h, w))  # WeakTrainSet's rescale at 1
-        size = [max(1, round(h * s)), max(1, round(w * s))]
-        x = TF.normalize(TF.resize(img, size, antialias=True)[None].to(device).float() / 255, CLIP_MEAN, CLIP_STD)
-        mask = pseudo_mask(scorer(x), labels[i:i + 1].to(device), size)[0]
-        Image.fromarray(mask.to(torch.uint8).cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
-        os.replace(paths[i] + ".tmp", paths[i])
+        if not os.path.isfile(paths[i]):  # a file that exists is complete
+            img = read_file(images[i])
+            s = min(max(args.base_size) / max(img.shape[-2:]), min(args.base_size) / min(img.shape[-2:]))
+            size = [max(1, round(img.shape[1] * s)), max(1, round(img.shape[2] * s))]  # WeakTrainSet's, at ratio 1
+            x = TF.normalize(TF.resize(img, size, antialias=True)[None].to(device) / 255, CLIP_MEAN, CLIP_STD)
+            mask = pseudo_mask(scorer(x), labels[i:i + 1].to(device), size)[0]
+            Image.fromarray(mask.byte().cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
+            os.replace(paths[i] + ".tmp", paths[i])
     return paths
 
 class Stopwatch:
@@ -634,7 +628,7 @@ def make_model(args, classifier, device, ddp=False):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     if args.region_weight != "adaptive":
         return model, optimizer, float(args.region_weight)
-    return model, optimizer, DistributedRegionBalancer() if ddp else RegionBalancer()  # torchrun: one w for all
+    return model, optimizer, DistributedRegionBalancer() if ddp else RegionBalancer()
 
 def poly_lr(it, iters, base_lr, min_lr, power=0.9):
     """mmcv's poly schedule with a floor: (base - min) * (1 - it/iters)^power + min."""
@@ -664,8 +658,8 @@ def worker_signals(done, worker_id):
 LOG_COLUMNS = ["iteration", "lr", "global", "local", "ce_c", "ce_i", "w", "consistent", "inconsistent", "val_miou"]
 
 def open_log(path, start):
-    """RUN/log.csv, a row per iteration; rows of iterations >= start are dropped (they will run again), so that a
-    resumed run's log equals an uninterrupted one's."""
+    """RUN/log.csv, a row per iteration, line-buffered. Rows of iterations >= start are dropped (they will run again),
+    so that a resumed run's log equals an uninterrupted one's."""
     rows = []
     if start and os.path.isfile(path):
         with open(path, newline="") as f:
@@ -674,7 +668,7 @@ def open_log(path, start):
     with open(path + ".tmp", "w", newline="") as f:
         csv.writer(f).writerows([LOG_COLUMNS] + rows)
     os.replace(path + ".tmp", path)
-    return open(path, "a", newline="", buffering=1)  # line-buffered: each row is on disk when written
+    return open(path, "a", newline="", buffering=1)
 
 class Interrupted(Exception):
     """SIGINT or SIGTERM during training, raised once the last finished iteration is saved: (signum, iter, path)."""
@@ -730,7 +724,6 @@ def main(args):
                                                world)
         if ddp:  # every rank's share is written
             dist.barrier()
-
     model, optimizer, region_weight = make_model(args, classifier, device, ddp)
     balancer = region_weight if isinstance(region_weight, RegionBalancer) else None
     start, best, miou = 0, -1.0, None
@@ -767,7 +760,6 @@ def main(args):
     # torchrun: gradients averaged over the ranks in backward, so every rank takes the same step
     ddp_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
         if ddp else model
-
     # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
     # except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
     stop, handlers = [], {}
@@ -779,8 +771,7 @@ def main(args):
 
     for s in (signal.SIGINT, signal.SIGTERM):
         handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
-    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", dynamic_ncols=True,
-               disable=rank > 0)
+    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", disable=rank > 0)
     watch = Stopwatch(device, args.profile)
     try:
         for it in bar:
@@ -801,13 +792,11 @@ def main(args):
                                 "lower --lr, or check the data")
             backward_and_step(loss, optimizer, watch)
             bar.set_postfix({k: f"{logs[k]:.3f}" for k in LOG_COLUMNS[2:-2] if k in logs} | {"lr": f"{lr:.2e}"})
-            done = it + 1
-            validate = rank == 0 and (done % args.val_every == 0 or done == args.iters)
+            done, validate = it + 1, rank == 0 and ((it + 1) % args.val_every == 0 or it + 1 == args.iters)
             if validate:
                 miou = mean_iou(validate_model(model, scorer, val_loader, os.path.join(args.out, "vis", str(done))))
                 tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
-            row = [it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate else ""]
-            csv.writer(log).writerow(row)
+            csv.writer(log).writerow([it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate else ""])
             if validate:
                 save(last, done)
                 if miou > best:
@@ -842,7 +831,6 @@ def main(args):
     print(f"pseudo-mask mIoU: {mean_iou(pseudo_iou):.2f}")
     print(f"model mIoU: {mean_iou(model_iou):.2f}")
     return pseudo_iou, model_iou
-
 
 # ---------------------------------------------------------------------------------------------------
 # 8. Validation and pictures
