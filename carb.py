@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import shlex
 import signal
 import sys
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from tqdm import tqdm
@@ -340,7 +341,6 @@ CAMVID = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "
 WILDDASH2 = ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
              "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
              "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"]
-
 # One class table and folder layout per dataset. `images` and `labels` are globs under --data-root with the same
 # wildcards: an image's label file is the label glob with the image's own matches. CamVid and WildDash2 label files
 # hold the class index itself (to_train: the identity).
@@ -354,16 +354,14 @@ DATASETS = {
                           "gtFine/{split}/*/*_gtFine_labelIds.png",
                           sorted({c.id % 256 for c in torchvision.datasets.Cityscapes.classes}), LABEL_TO_TRAIN),
     "camvid": Dataset(CAMVID, [c.lower() for c in CAMVID],  # in the SegNet palette, as the official code
-                      [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
-                       (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)],
+                      [ImageColor.getrgb("#" + c) for c in "808080 800000 c0c080 804080 0000c0 808000 c08080 404080 "
+                                                           "400080 404000 0080c0".split()],
                       "img/{split}/*.png", "mask/{split}/*.png", list(range(11)) + [255],
                       torch.arange(256, dtype=torch.uint8)),
     "wilddash2": Dataset(WILDDASH2, [c.replace("road marking", "roadmarking") for c in WILDDASH2],
-                         [(0, 20, 50), (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-                          (180, 165, 180), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
-                          (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
-                          (0, 60, 100), (0, 0, 230), (119, 11, 32), (40, 0, 100), (0, 40, 120), (174, 64, 67),
-                          (210, 170, 100), (196, 176, 128)],
+                         [ImageColor.getrgb("#" + c) for c in "001432 804080 f423e8 464646 66669c be9999 b4a5b4 999999 "
+                          "faaa1e dcdc00 6b8e23 98fb98 4682b4 dc143c ff0000 00008e 000046 003c64 0000e6 770b20 "
+                          "280064 002878 ae4043 d2aa64 c4b080".split()],
                          "img/{split}/*.jpg", "mask/{split}/*_labelTrainIds.png", list(range(25)) + [255],
                          torch.arange(256, dtype=torch.uint8)),
 }
@@ -674,7 +672,14 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM during training, raised once the last finished iteration is saved: (signum, iter, path)."""
 
 def resume_checkpoint(args, last):
-    """RUN/last.pth for --resume, refused before any work if it cannot continue this run."""
+    """None for a new run, or RUN/last.pth for --resume: refused before any work if it cannot continue this run."""
+    if os.path.isfile(args.out) or os.path.isfile(last) != args.resume:
+        raise CarbError(f"--out {args.out} is a file: pass a folder" if os.path.isfile(args.out) else
+                        f"--resume: {last} not found; drop --resume to start a new run" if args.resume else
+                        f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass another "
+                        "--out (or delete it) to start anew")
+    if not args.resume:
+        return None
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
@@ -690,9 +695,8 @@ def resume_checkpoint(args, last):
 
 def main(args):
     """Train with `args` (parse_args); print and return the val IoUs of the pseudo-masks and of the model."""
-    check_args(args)
     last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
-    ckpt = resume_checkpoint(args, last) if args.resume else None
+    ckpt = resume_checkpoint(args, last)
     # torchrun: one process per GPU (gloo processes on a CPU); rank 0 alone writes files and prints
     ddp, rank, world, device = "RANK" in os.environ, 0, 1, torch.device(args.device)
     if ddp:
@@ -960,41 +964,53 @@ SYNTHETIC_SIZES = dict(n_train=300, n_val=40)
 # --benchmark: the Cityscapes networks at a quarter of the official crop (and window), batch 2.
 BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="resnet50", optimizer="sgd", lr=0.005)
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is one line and exit code 2, as every other bad input
+        raise CarbError(message)
+
+def number(kind, low, strict=False):
+    """An argparse type: a `kind` number >= low (> low if strict)."""
+    def parse(text):
+        if not (kind(text) > low if strict else kind(text) >= low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if strict else 'at least'} {low}")
+        return kind(text)
+    return parse
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description="CARB: weakly supervised semantic segmentation for driving scenes.")
+    p = Parser(prog="carb.py", description="CARB: weakly supervised semantic segmentation for driving scenes.")
     d = lambda key: "default: " + "; ".join(f"{n} {DEFAULTS[n][key]}" for n in DEFAULTS)  # noqa: E731
     p.add_argument("--data", choices=list(DEFAULTS), default="synthetic", help="dataset: classes, layout, defaults")
     p.add_argument("--data-root", help=d("data_root"))
-    p.add_argument("--image-labels", metavar="FILE", help='JSON {"IMAGE_ID": ["CLASS", ...]}: the training images\' '
-                   "classes, so that no train mask is read (default: listed once from the train masks)")
+    p.add_argument("--image-labels", metavar="FILE", help='JSON {"IMAGE_ID": ["CLASS", ...]}, the training images\' '
+                   "classes: no train mask is read")
     p.add_argument("--out", help="run folder: last.pth, best.pth, log.csv, vis/; " + d("out"))
-    p.add_argument("--iters", type=int, help=d("iters"))
-    p.add_argument("--batch-size", type=int, help=d("batch_size"))
-    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help=d("crop"))
-    p.add_argument("--scale-range", type=float, nargs=2, metavar=("LO", "HI"),
+    p.add_argument("--iters", type=number(int, 1), help=d("iters"))
+    p.add_argument("--batch-size", type=number(int, 1), help=d("batch_size"))
+    p.add_argument("--crop", type=number(int, 16), nargs=2, metavar=("H", "W"), help=d("crop"))
+    p.add_argument("--scale-range", type=number(float, 0, strict=True), nargs=2, metavar=("LO", "HI"),
                    help="random rescale of the base size (" + d("base_size") + "); " + d("scale_range"))
-    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="global-local window; " + d("window"))
-    p.add_argument("--multiplier", type=float, nargs=2, metavar=("RATE", "OFFSET"),
+    p.add_argument("--window", type=number(int, 16), nargs=2, metavar=("H", "W"), help="local view; " + d("window"))
+    p.add_argument("--multiplier", type=number(float, 0), nargs=2, metavar=("RATE", "OFFSET"),
                    help="window up-scaling m = RATE * U[0,1) + OFFSET; " + d("multiplier"))
     p.add_argument("--photometric", action=argparse.BooleanOptionalAction, help=d("photometric"))
-    p.add_argument("--carb-start", type=int, help="iteration from which CARB replaces plain CE (ITERS: never); "
-                   + d("carb_start"))
-    p.add_argument("--region-weight", default="adaptive", help="'adaptive' (RegionBalancer) or a fixed float")
+    p.add_argument("--carb-start", type=number(int, 0), help="iteration from which CARB replaces plain CE (ITERS: "
+                   "never); " + d("carb_start"))
+    p.add_argument("--region-weight", default="adaptive", help="'adaptive' (RegionBalancer) or a fixed number")
     p.add_argument("--no-local-view", action="store_true", help="global view only (an ablation variant)")
     p.add_argument("--ablation", action="store_true", help="the paper's component ablation: ABLATION x 3 seeds")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help=d("optimizer"))
-    p.add_argument("--lr", type=float, help=d("lr"))
-    p.add_argument("--min-lr", type=float, help=d("min_lr"))
+    p.add_argument("--lr", type=number(float, 0, strict=True), help=d("lr"))
+    p.add_argument("--min-lr", type=number(float, 0), help=d("min_lr"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clip-model", metavar="NAME_OR_PATH", help="clip.load name or .pt file; 'simulated' = the "
                    "synthetic stand-in; " + d("clip_model"))
     p.add_argument("--backbone", choices=list(BACKBONES), help=d("backbone"))
     p.add_argument("--backbone-weights", help="torchvision weights name or 'none'; " + d("backbone_weights"))
-    p.add_argument("--val-every", type=int, help=d("val_every"))
+    p.add_argument("--val-every", type=number(int, 1), help=d("val_every"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help=d("workers"))
+    p.add_argument("--workers", type=number(int, 0), help=d("workers"))
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "carb"),
-                   help="for image-level labels, text embeddings, precomputed masks (default: ~/.cache/carb)")
+                   help="image-level labels, text embeddings, precomputed masks (default: ~/.cache/carb)")
     p.add_argument("--global-masks", choices=["online", "precompute"], default="online", help="online: CLIP on each "
                    "crop (official dual path); precompute: once per image, cached (official single path)")
     p.add_argument("--profile", action="store_true", help="time each phase of the step; print a table at the end")
@@ -1004,49 +1020,30 @@ def get_args_parser():
     return p
 
 def parse_args(argv=None):
+    """The command line, with --data's defaults for what it leaves out; the refusals that need no file."""
     args = get_args_parser().parse_args(argv)
     for key, value in (DEFAULTS[args.data] | (BENCHMARK if args.benchmark else {})).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    return args
-
-def check_args(args):
-    """The refusals that need no file, each a one-line error naming the flag."""
     lo, hi = args.scale_range
     largest = [round(hi * side) for side in args.base_size]
-    last = os.path.join(args.out, "last.pth")
-    try:
-        weight = float(args.region_weight) if args.region_weight != "adaptive" else 0.0
-    except ValueError:
-        raise CarbError(f"--region-weight {args.region_weight}: use 'adaptive' or a number") from None
     for bad, message in [
-        *[(value < low, f"{flag} {value}: must be at least {low}") for flag, value, low in (
-            ("--iters", args.iters, 1), ("--batch-size", args.batch_size, 1), ("--val-every", args.val_every, 1),
-            ("--workers", args.workers, 0), ("--carb-start", args.carb_start, 0))],
         (args.carb_start > args.iters, f"--carb-start {args.carb_start} is beyond --iters {args.iters}: to train "
                                        f"without CARB (plain cross-entropy throughout) pass --carb-start {args.iters}"),
-        (min(args.crop) < 16 or min(args.window) < 16, "--crop and --window sides must be at least 16 (a CLIP patch)"),
-        (not 0 < lo <= hi, f"--scale-range {lo} {hi}: need 0 < LO <= HI"),
+        (lo > hi, f"--scale-range {lo} {hi}: need LO <= HI"),
         # crops are padded (the official Pad); one larger than every rescaled image is a mistake (H and W swapped?)
-        (args.crop[0] > largest[0] or args.crop[1] > largest[1],
-         f"--crop {args.crop[0]} {args.crop[1]} is larger than the largest rescaled image {largest[0]} x {largest[1]} "
-         f"(--scale-range HI {hi} x base size {args.base_size[0]} x {args.base_size[1]}): every crop would be mostly "
-         "padding; pass a smaller --crop (H W)"),
-        (args.multiplier[0] < 0 or args.multiplier[1] <= 0,
-         f"--multiplier {args.multiplier[0]} {args.multiplier[1]}: need RATE >= 0 and OFFSET > 0"),
-        (not (args.lr > 0 and 0 <= args.min_lr <= args.lr),
-         f"--lr {args.lr} --min-lr {args.min_lr}: need 0 <= --min-lr <= --lr and --lr > 0"),
-        (not weight >= 0, f"--region-weight {args.region_weight}: must be 'adaptive' or a number >= 0"),
+        (args.crop[0] > largest[0] or args.crop[1] > largest[1], f"--crop {args.crop[0]} {args.crop[1]} is larger than"
+         f" the largest rescaled image, {largest[0]} x {largest[1]} (--scale-range HI x base size): pass a smaller one"),
+        (args.multiplier[1] == 0, "--multiplier: OFFSET must be above 0"),
+        (args.min_lr > args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}"),
+        (args.region_weight != "adaptive" and not re.fullmatch(r"\d+(\.\d*)?(e-?\d+)?", args.region_weight),
+         f"--region-weight {args.region_weight}: use 'adaptive' or a number >= 0"),
         (args.clip_model == "simulated" and DATASETS[args.data] is not DATASETS["cityscapes"],
          f"--clip-model simulated knows only the Cityscapes classes: pass a CLIP model for --data {args.data}"),
-        (not os.path.isdir(args.data_root), f"--data-root {args.data_root} is not a folder: pass the dataset's root"),
-        (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file: pass a folder"),
-        (args.resume and not os.path.isfile(last), f"--resume: {last} not found; drop --resume to start a new run"),
-        (not args.resume and os.path.isfile(last), f"--out {args.out} already holds a run ({last}): add --resume to "
-                                                   "continue it, or pass another --out (or delete it) to start anew"),
     ]:
         if bad:
             raise CarbError(message)
+    return args
 
 def build_scorer(args, device):
     """(scorer, text_classifier): scorer maps CLIP-normalized images to stride-16 class scores."""
