@@ -544,8 +544,8 @@ class EvalSet(torch.utils.data.Dataset):
 # 7. The training loop
 
 def atomic_save(obj, path):
-    """torch.save to PATH.tmp, flushed to disk, then renamed over `path`: at any instant `path` is a complete file,
-    and a failed write (full disk) leaves it as it was."""
+    """torch.save to PATH.tmp, flushed to disk, then renamed over `path`: `path` is always a whole file, and a failed
+    write (full disk) leaves it as it was."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         with open(path + ".tmp", "wb") as f:
@@ -589,8 +589,8 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
     return paths
 
 class Stopwatch:
-    """--profile: `watch(phase)` charges the time since the previous call to `phase` (after a CUDA synchronize, so
-    that each phase pays for its own kernels). Disabled, it does nothing."""
+    """--profile: `watch(phase)` charges the time since the previous call to `phase`, after a CUDA synchronize so
+    that each phase pays for its own kernels. Disabled, it does nothing."""
     STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
             "optimizer"]
 
@@ -605,16 +605,14 @@ class Stopwatch:
             self.last = time.perf_counter()
 
     def table(self, steps):
-        """Each phase of the step over `steps` iterations, the whole step, and what ran between steps."""
         step = sum(self.totals[p] for p in self.STEP)
-        lines = [f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"]
-        for phase, t in [(p, self.totals[p]) for p in self.STEP] + [("step", step)]:
-            lines.append(f"{phase:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}")
-        other = sum(self.totals.values()) - step
-        return "\n".join(lines + [f"{'(between steps: val, checkpoints)':<34}{other:>10.2f}"])
+        rows = [(p, self.totals[p]) for p in self.STEP] + [("step", step)]
+        return "\n".join([f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"] + [
+            f"{p:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}" for p, t in rows]
+            + [f"{'(between steps: val, checkpoints)':<34}{sum(self.totals.values()) - step:>10.2f}"])
 
 def make_model(args, classifier, device, ddp=False):
-    """The Segmenter, its optimizer and its region weight (a RegionBalancer, or the fixed --region-weight)."""
+    """The Segmenter, its optimizer and its region weight: a RegionBalancer, or the fixed --region-weight."""
     model = Segmenter(args.backbone, classifier, args.backbone_weights).to(device)
     if ddp and device.type == "cuda":  # one BatchNorm over all GPUs' images, as one GPU with N*B images
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -672,24 +670,22 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM during training, raised once the last finished iteration is saved: (signum, iter, path)."""
 
 def resume_checkpoint(args, last):
-    """None for a new run, or RUN/last.pth for --resume: refused before any work if it cannot continue this run."""
+    """None for a new run; for --resume, RUN/last.pth, refused before any work if it cannot continue this run."""
     if os.path.isfile(args.out) or os.path.isfile(last) != args.resume:
         raise CarbError(f"--out {args.out} is a file: pass a folder" if os.path.isfile(args.out) else
                         f"--resume: {last} not found; drop --resume to start a new run" if args.resume else
                         f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass another "
                         "--out (or delete it) to start anew")
-    if not args.resume:
-        return None
     try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        ckpt = torch.load(last, map_location="cpu", weights_only=True) if args.resume else None
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CarbError(f"--resume: {last} cannot be read ({str(e).splitlines()[0][:120]}); start afresh, or resume "
                         "from a copy of best.pth") from None
-    for key in ("data", "backbone", "optimizer", "clip_model"):
+    for key in ("data", "backbone", "optimizer", "clip_model") if ckpt else ():
         if ckpt["args"].get(key) != getattr(args, key):
             raise CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, "
                             f"not {getattr(args, key)}: pass the run's own")
-    if ckpt["iteration"] > args.iters:
+    if ckpt and ckpt["iteration"] > args.iters:
         raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
     return ckpt
 
@@ -800,7 +796,7 @@ def main(args):
             if validate:
                 miou = mean_iou(validate_model(model, scorer, val_loader, os.path.join(args.out, "vis", str(done))))
                 tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
-            csv.writer(log).writerow([it, lr] + [logs.get(k, "") for k in LOG_COLUMNS[2:-1]] + [miou if validate else ""])
+            csv.writer(log).writerow([it, lr, *[logs.get(k, "") for k in LOG_COLUMNS[2:-1]], miou if validate else ""])
             if validate:
                 save(last, done)
                 if miou > best:
@@ -864,7 +860,7 @@ def confusion_matrix(pred, gt, num_classes):
     return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
 
 def iou_from_confusion(conf):
-    """Per-class IoU = tp / (tp + fp + fn) of a [C, C] or [C, C+1] confusion matrix; NaN for a class with neither
+    """Per-class IoU = tp / (tp + fp + fn) of a [C, C] or [C, C+1] confusion matrix; NaN where a class has neither
     GT nor predicted pixels."""
     conf = conf.double()
     tp = conf.diagonal()
@@ -901,16 +897,14 @@ def validate_model(model, scorer, loader, vis_dir=None, n=4):
     return iou
 
 def format_table(columns, class_names):
-    """Aligned per-class IoU table; columns = {title: iou tensor}."""
+    """Aligned per-class IoU table, columns = {title: iou tensor}; classes in no column are left out."""
     widths = [max(14, len(t) + 2) for t in columns]
+    cell = lambda v, n: f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"  # noqa: E731
     lines = [f"{'class':<15}" + "".join(f"{t:>{n}}" for t, n in zip(columns, widths))]
-    for i, name in enumerate(class_names):
-        vals = [c[i].item() for c in columns.values()]
-        if not all(math.isnan(v) for v in vals):
-            lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
-                                                 for v, n in zip(vals, widths)))
-    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
-    return "\n".join(lines)
+    lines += [f"{name:<15}" + "".join(cell(c[i].item(), n) for c, n in zip(columns.values(), widths))
+              for i, name in enumerate(class_names) if not all(c[i].isnan() for c in columns.values())]
+    return "\n".join(lines + [f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(),
+                                                                                                   widths))])
 
 def colorize(mask, data="cityscapes"):
     """trainId mask [H,W] -> RGB uint8 [H,W,3] in the dataset's palette; void (255) black."""
