@@ -13,12 +13,16 @@
 classes with neither GT nor predicted pixels are left out of the mean, as in the official Cityscapes evaluation.
 """
 import argparse
+import functools
+import itertools
 import json
 import math
 import os
 import pickle
 import re
+import shlex
 import sys
+import warnings
 from glob import glob
 
 import numpy as np
@@ -258,6 +262,75 @@ def summarize(conf, class_names):
             "classes": {name: {"iou": number(100 * iou[c].item()), "gt_pixels": conf[c].sum().item(),
                                "predicted_pixels": conf[:, c].sum().item(), "true_positives": tp[c].item()}
                         for c, name in enumerate(class_names)}}
+
+
+# The paper's component ablation (its Table 3), each variant a flag combination of the normal command line.
+ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"]),
+            ("(b) + Global-Local View", ["--carb-start", "ITERS"]),
+            ("(c) + CARB", ["--no-local-view"]),
+            ("(d) GLV + CARB (carb.py)", []),
+            ("(e) (d), fixed w = 0.03", ["--region-weight", "0.03"])]
+ABLATION_SEEDS = (0, 1, 2)
+ABLATION_ITERS = {"synthetic": 150}  # per run, so that 5 variants x 3 seeds fit in 20 minutes on 2 CPU cores
+
+
+def ablation(argv):
+    """carb.py --ablation: every ABLATION variant with each seed, the same budget, through carb.main(); a table."""
+    given, args = carb.get_args_parser().parse_args(argv), carb.parse_args(argv)  # as given; with the defaults
+    iters = given.iters or ABLATION_ITERS.get(args.data, args.iters)
+    carb_start = given.carb_start if given.carb_start is not None else round(iters * 16000 / 30000)  # official ratio
+    names = carb.DATASETS[args.data].classes
+    small = [c for c, n in enumerate(names) if n.lower() in ("traffic light", "traffic sign", "pole", "signsymbol")]
+    results = {}  # (variant, seed) -> [mIoU, the small classes' IoUs...]
+    for seed, (i, (name, flags)) in itertools.product(ABLATION_SEEDS, enumerate(ABLATION)):
+        flags = [str(iters) if f == "ITERS" else f for f in flags] + ["--seed", str(seed)]
+        out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
+        print(f"\n=== ablation {name}: carb.py {shlex.join(flags)} --out {out}", flush=True)
+        run_argv = [a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every", str(iters)]
+        pseudo, model = carb.main(carb.parse_args(run_argv + ["--carb-start", str(carb_start), *flags, "--out", out]))
+        results[name, seed] = [carb.mean_iou(model)] + [100 * model[c].item() for c in small]
+    print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU "
+          f"{carb.mean_iou(pseudo):.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
+    print(f"{'':<26}" + "".join(f"{c:>20}" for c in ["mIoU"] + [f"IoU {names[c]}" for c in small]))
+    for name, _ in ABLATION:
+        runs = torch.tensor([results[name, s] for s in ABLATION_SEEDS])
+        print(f"{name:<26}" + "".join(f"{f'{m:.2f} ± {s:.2f}':>20}" for m, s in zip(runs.mean(0), runs.std(0))))
+    return results
+
+
+def benchmark(args, steps=3):
+    """--benchmark: --profile's stopwatch over a few steps of the paper's networks, CLIP ViT-B/16 and DeepLabV3
+    (--backbone) with random weights, on a random batch: no data, no downloads. The first step warms up."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # clip imports pkg_resources
+        import clip
+    device, (H, W), B, C = torch.device(args.device), args.crop, args.batch_size, len(carb.CLASS_NAMES)
+    torch.manual_seed(args.seed)
+    clip_model = clip.model.build_model(clip.model.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12).state_dict())
+    clip_model = clip_model.to(device).requires_grad_(False)  # ViT-B/16's shapes; fp16 on a GPU, as clip.load
+    classifier = F.normalize(torch.randn(C, 512), dim=-1)
+    scorer = functools.partial(carb.maskclip_scores, clip_model.float() if device.type == "cpu" else clip_model,
+                               text_classifier=classifier.to(device))
+    model, optimizer, balancer = carb.make_model(args, classifier, device)
+    batch = (torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), (torch.rand(B, C) < 0.5).float(),
+             torch.tensor([[H, W]] * B))
+    watch = carb.Stopwatch(device, True)
+    for step in tqdm(range(steps + 1), desc="benchmark", leave=False):
+        window = carb.sample_window(args.crop, args.window, *args.multiplier, torch.Generator().manual_seed(step))
+        if step == 1:  # the first step warms up
+            watch.totals.clear()
+        loss, _ = carb.train_one_step(model, scorer, batch, window, True, balancer, device, watch)
+        watch("CARB loss and balancer")
+        carb.backward_and_step(loss, optimizer, watch)
+    print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}; crop {H}x{W}, batch {B}, window "
+          f"{window[2]}x{window[3]}; {steps} steps after a warm-up step")
+    print(watch.table(steps))
+    t = watch.totals
+    step = sum(t[p] for p in carb.Stopwatch.STEP)
+    unavoidable = t["CLIP global"] + t["CLIP local"] + t["segmentation forward+backward"] + t["optimizer"]
+    print(f"step/unavoidable: {step / unavoidable:.2f}")
+    print(f"carb share: {100 * t['CARB loss and balancer'] / step:.1f}%")
 
 
 @torch.no_grad()
