@@ -383,8 +383,7 @@ def image_id(path):
     return name[:-len("_leftImg8bit.png")] if name.endswith("_leftImg8bit.png") else os.path.splitext(name)[0]
 
 def read_file(path, what="image", header_only=False):
-    """An image (uint8 [3,H,W], RGB) or a label file (numpy, as stored), read with Pillow; header_only: its (H, W).
-    A missing, unreadable or truncated file is a one-line error that names it."""
+    """An image (uint8 [3,H,W], RGB) or a label (numpy, as stored), or its (H, W); else a one-line error."""
     try:
         with Image.open(path) as f:
             if header_only:
@@ -416,8 +415,7 @@ def check_pairs(images, gts):
             raise CarbError(f"{gt} is {gt_size} but its image {img} is {img_size}: they must be the same size")
 
 def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None, data="cityscapes"):
-    """[N, C] uint8: which classes occur in each image, all that training takes from the GT masks (the paper's weak
-    supervision). Computed once, after checking each image against its label file, and cached."""
+    """[N, C] uint8: the classes in each image, all that training takes from the GT masks (cached)."""
     key = hashlib.sha1("\n".join(os.path.abspath(p) for p in gt_paths).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"image_labels_{key}.pt")
     labels = load_cache(cache)
@@ -472,11 +470,9 @@ def photometric_distortion(img, g):
     return img
 
 class WeakTrainSet(torch.utils.data.Dataset):
-    """Training crops with image-level labels only: (image uint8 [3,h,w], labels [C], valid_hw [2] = the real image's
-    size inside the crop, padded bottom/right). The official augmentation: rescale to base_size x U(scale_range)
-    (aspect kept), random crop, flip, photometric distortion, pad. Its randomness comes from (seed, sample number),
-    so runs are reproducible and resumable. With `global_masks` (--global-masks precompute) each image's
-    precomputed pseudo-mask is augmented with it (nearest, padding 255) and comes fourth."""
+    """Training crops with image-level labels only: (image uint8 [3,h,w], labels [C], valid_hw [2] = the image's size
+    inside the crop, padded bottom/right), augmented as the official config, with randomness from (seed, sample
+    number). With `global_masks` (--global-masks precompute) each image's pseudo-mask comes fourth, augmented alike."""
 
     def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None):
         self.images, self.labels, self.seed, self.photometric = images, labels, seed, photometric
@@ -513,9 +509,8 @@ class WeakTrainSet(torch.utils.data.Dataset):
         return item + (F.pad(mask.flip(-1) if flip else mask, pad, value=255),)
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Yields (k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation, and batch
-    t holds samples t*B .. t*B+B-1, so resuming at iteration t starts at k = t*B. Under torchrun (N ranks of batch
-    B) the stream is one process's with batch N*B, dealt out in runs of B: rank r keeps k with (k // B) % N == r."""
+    """(k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation; batch t holds
+    samples t*B..t*B+B-1. Under torchrun the stream of batch N*B is dealt out to the N ranks in runs of B."""
 
     def __init__(self, n, seed, start=0, rank=0, world=1, batch=1):
         self.n, self.seed, self.start, self.rank, self.world, self.batch = n, seed, start, rank, world, batch
@@ -544,8 +539,7 @@ class EvalSet(torch.utils.data.Dataset):
 # 7. The training loop
 
 def atomic_save(obj, path):
-    """torch.save to PATH.tmp, flushed to disk, then renamed over `path`: `path` is always a whole file, and a failed
-    write (full disk) leaves it as it was."""
+    """torch.save to PATH.tmp, flushed to disk, renamed over `path`: `path` is always whole, even on a full disk."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         with open(path + ".tmp", "wb") as f:
@@ -569,8 +563,7 @@ def load_cache(path):
 @torch.no_grad()
 def precompute_global_masks(scorer, classifier, images, labels, args, device, rank=0, world=1):
     """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
-    the base size (the training rescale at ratio 1), as a PNG that WeakTrainSet augments with its image. Each rank
-    writes the missing files of every world-th image. Returns the paths."""
+    the base size, as a PNG that WeakTrainSet augments with its image; each rank writes every world-th one."""
     model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
     key = hashlib.sha1(repr(([os.path.abspath(p) for p in images], model, tuple(args.base_size))).encode()
                        + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
@@ -589,8 +582,7 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
     return paths
 
 class Stopwatch:
-    """--profile: `watch(phase)` charges the time since the previous call to `phase`, after a CUDA synchronize so
-    that each phase pays for its own kernels. Disabled, it does nothing."""
+    """--profile: `watch(phase)` charges the time since the last call to `phase` (CUDA synchronized); else nothing."""
     STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
             "optimizer"]
 
@@ -646,16 +638,14 @@ class DistributedRegionBalancer(RegionBalancer):
         return super().__call__(*(ces / dist.get_world_size()).tolist())
 
 def worker_signals(done, worker_id):
-    """DataLoader workers leave Ctrl-C to the main process and outlive a SIGTERM sent to every process (as SLURM
-    does), so that it can finish its iteration and save; once `done` is set, a SIGTERM ends them."""
+    """DataLoader workers leave a Ctrl-C or SIGTERM (SLURM's, to every process) to the main process while it saves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if done.is_set() else None)
 
 LOG_COLUMNS = ["iteration", "lr", "global", "local", "ce_c", "ce_i", "w", "consistent", "inconsistent", "val_miou"]
 
 def open_log(path, start):
-    """RUN/log.csv, a row per iteration, line-buffered. Rows of iterations >= start are dropped (they will run again),
-    so that a resumed run's log equals an uninterrupted one's."""
+    """RUN/log.csv, a row per iteration; rows from `start` on are dropped: a resumed run's log is an unbroken one's."""
     rows = []
     if start and os.path.isfile(path):
         with open(path, newline="") as f:
@@ -852,16 +842,14 @@ def clip_pseudo_mask(scorer, images, gts, num_classes):
     return pseudo_mask(scorer(TF.normalize(images.float() / 255, CLIP_MEAN, CLIP_STD)), labels, gts.shape[-2:])
 
 def confusion_matrix(pred, gt, num_classes):
-    """[C, C+1] counts, rows = ground truth, columns = prediction. Pixels with gt 255 are skipped; the last column
-    counts void predictions (255, or any id >= C): a miss for the GT class and a false positive for none, as a
-    prediction of an ignored labelId in the official Cityscapes evaluation."""
+    """[C, C+1] counts, rows = GT (255 skipped), columns = prediction; the last column, void predictions (>= C), is a
+    miss for the GT class and a false positive for none, as in the official Cityscapes evaluation."""
     keep = gt != 255
     idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
     return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
 
 def iou_from_confusion(conf):
-    """Per-class IoU = tp / (tp + fp + fn) of a [C, C] or [C, C+1] confusion matrix; NaN where a class has neither
-    GT nor predicted pixels."""
+    """Per-class IoU = tp / (tp + fp + fn) of a confusion matrix; NaN for a class neither in GT nor predicted."""
     conf = conf.double()
     tp = conf.diagonal()
     union = conf[:, :len(tp)].sum(0) + conf.sum(1) - tp
@@ -881,8 +869,7 @@ def evaluate(predict_fn, loader, num_classes, device):
     return iou_from_confusion(conf)
 
 def validate_model(model, scorer, loader, vis_dir=None, n=4):
-    """The model's per-class IoU on the val split; with `vis_dir`, pictures of n val images spread over the split
-    (image | CLIP pseudo-mask | prediction | GT) as vis_dir/IMAGE_ID.png."""
+    """The model's val IoUs; with `vis_dir`, n pictures (image | CLIP pseudo-mask | prediction | GT) written there."""
     model.eval()
     device, dataset = next(model.parameters()).device, loader.dataset
     num_classes = len(DATASETS[dataset.data].classes)
@@ -913,8 +900,7 @@ def colorize(mask, data="cityscapes"):
     return palette[mask.cpu().long()]
 
 def vis_strip(image, masks, data="cityscapes", title_h=16, legend_w=112, max_w=1024):
-    """One picture: the image (uint8 [3,H,W]) and each trainId mask of `masks` ({title: [H,W]}) side by side under
-    their titles (panels shrunk to max_w wide), then a legend of the classes present."""
+    """The image (uint8 [3,H,W]) and the masks ({title: [H,W]}) side by side, titled, then a legend of the classes."""
     H, W = image.shape[-2:]
     w, h = min(W, max_w), round(H * min(W, max_w) / W)
     panels = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((w, h), Image.BILINEAR)]
@@ -1026,11 +1012,11 @@ def parse_args(argv=None):
                                        f"without CARB (plain cross-entropy throughout) pass --carb-start {args.iters}"),
         (lo > hi, f"--scale-range {lo} {hi}: need LO <= HI"),
         # crops are padded (the official Pad); one larger than every rescaled image is a mistake (H and W swapped?)
-        (args.crop[0] > largest[0] or args.crop[1] > largest[1], f"--crop {args.crop[0]} {args.crop[1]} is larger than"
-         f" the largest rescaled image, {largest[0]} x {largest[1]} (--scale-range HI x base size): pass a smaller one"),
+        (args.crop[0] > largest[0] or args.crop[1] > largest[1], f"--crop {args.crop[0]} {args.crop[1]} is larger "
+         f"than the largest rescaled image, {largest[0]} x {largest[1]} (--scale-range HI x base size)"),
         (args.multiplier[1] == 0, "--multiplier: OFFSET must be above 0"),
         (args.min_lr > args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}"),
-        (args.region_weight != "adaptive" and not re.fullmatch(r"\d+(\.\d*)?(e-?\d+)?", args.region_weight),
+        (args.region_weight != "adaptive" and not re.fullmatch(r"\d*\.?\d+(e-?\d+)?", args.region_weight),
          f"--region-weight {args.region_weight}: use 'adaptive' or a number >= 0"),
         (args.clip_model == "simulated" and DATASETS[args.data] is not DATASETS["cityscapes"],
          f"--clip-model simulated knows only the Cityscapes classes: pass a CLIP model for --data {args.data}"),
@@ -1097,8 +1083,8 @@ SYNTH_COLORS = {  # labelId: (name, RGB): the scene's own colours, one base colo
 }
 
 def render_scene(rng, height, width):
-    """One synthetic street: (RGB uint8 [H,W,3], labelIds uint8 [H,W]). Sky, buildings and trees above the
-    horizon, a road in perspective with sidewalks, cars, people, poles carrying traffic lights or signs."""
+    """A street (RGB uint8 [H,W,3], labelIds [H,W]): skyline, road and sidewalks, cars, people, poles with lights or
+    signs."""
     H, W = height, width
     lab = np.full((H, W), 23, np.uint8)
     col = np.zeros((H, W, 3), np.float32)
@@ -1154,7 +1140,7 @@ def render_scene(rng, height, width):
 def make_synthetic(root, n_train, n_val, size, seed=0):
     """Write the synthetic dataset once (a split that is already complete is skipped)."""
     for split, n in (("train", n_train), ("val", n_val)):
-        img_dir, gt_dir = os.path.join(root, "leftImg8bit", split, "synth"), os.path.join(root, "gtFine", split, "synth")
+        img_dir, gt_dir = (os.path.join(root, top, split, "synth") for top in ("leftImg8bit", "gtFine"))
         if len(glob(os.path.join(gt_dir, "*_labelIds.png"))) == n:
             continue
         os.makedirs(img_dir, exist_ok=True)
@@ -1167,12 +1153,9 @@ def make_synthetic(root, n_train, n_val, size, seed=0):
             Image.fromarray(lab).save(os.path.join(gt_dir, name + "_gtFine_labelIds.png"))
 
 class SimulatedCLIP(nn.Module):
-    """The stand-in for MaskCLIP, with its call: CLIP-normalized images [B,3,H,W] -> scores [B,C,H/16,W/16]. A fixed
-    classifier that sees only pixels, never GT: each pixel votes softly for the class of the nearest scene colour,
-    and a 16x16 patch's score is its share of the votes -- so, as in ViT-B/16, an object much smaller than a patch
-    is outvoted by its background. Plus blob noise: the image's fine texture through a fixed random projection,
-    pooled to the patch grid and blurred, spatially coherent errors like CLIP's. Its `text_classifier` (random
-    orthonormal rows) is the segmentation model's."""
+    """MaskCLIP's stand-in, same call: each pixel votes for the nearest scene colour and a 16x16 patch scores its share
+    of the votes (so, as with ViT-B/16, a much smaller object is outvoted), plus blob noise: spatially coherent
+    errors. It sees pixels only, never GT. Its `text_classifier` (random orthonormal rows) is the Segmenter's."""
 
     def __init__(self, noise=0.2, dim=512, seed=0):
         super().__init__()
@@ -1199,9 +1182,8 @@ class SimulatedCLIP(nn.Module):
         return share + self.noise * blobs
 
 def deeplabv3_mobilenet_stride8(weights=None, weights_backbone=None, num_classes=21, aux_loss=False):
-    """The synthetic default: DeepLabV3's head on MobileNetV3-Large cut after its stride-8 stage (7 blocks, 40
-    channels). torchvision's DeepLabV3-MobileNetV3 predicts at stride 16, as coarse as CLIP's patches; at stride 8
-    the model is finer than CLIP, as the paper's ResNet-50 is. Same signature as torchvision's builders."""
+    """DeepLabV3 on MobileNetV3-Large's stride-8 stages (7 blocks): finer than CLIP's patches, as the paper's
+    ResNet-50 is, where torchvision's stride-16 DeepLabV3-MobileNetV3 is not. torchvision's builder signature."""
     features = torchvision.models.mobilenet_v3_large(weights=weights_backbone).features[:7]
     backbone = create_feature_extractor(features, {"6": "out"})
     return torchvision.models.segmentation.DeepLabV3(backbone, DeepLabHead(40, num_classes))
