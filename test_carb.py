@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -178,6 +179,37 @@ def test_weak_train_set_random_crop_stays_inside_and_is_reproducible(tree, tmp_p
     assert torch.equal(ds[(5, 1)][0], fresh[(5, 1)][0])  # randomness from (seed, k), not global state
 
 
+@pytest.mark.parametrize("r, size, valid", [
+    # base 48x160, image 64x128: s = min(r * 160 / 128, r * 48 / 64) = 0.75 r (the short side binds)
+    (1.0, (48, 96), (32, 64)),  # 48x96: a 32x64 crop inside it, no padding
+    (0.5, (24, 48), (24, 48)),  # 24x48: the whole image, padded to 32x64
+])
+def test_weak_train_set_crop_of_a_fixed_scale_by_hand(r, size, valid, tree, tmp_path):
+    """At scale_range (r, r) the rescale is known: each crop is a window (maybe mirrored) of the image resized to
+    `size`, of the size worked out by hand; different sample numbers k give different crops."""
+    images, gts = carb.list_split(str(tree), "train")
+    labels = carb.image_level_labels(gts, C, str(tmp_path / "cache"))
+    ds = carb.WeakTrainSet(images, labels, crop=(32, 64), base_size=(48, 160), scale_range=(r, r), seed=3,
+                           photometric=False)
+    resized = TF.resize(carb.read_file(images[0]), list(size), antialias=True)  # torchvision, not carb
+    h, w = valid
+    crops = []
+    for k in range(6):
+        img, _, valid_hw = ds[(k, 0)]
+        assert img.shape == (3, 32, 64) and valid_hw.tolist() == [h, w]
+        assert img[:, h:].eq(0).all() and img[:, :, w:].eq(0).all()  # padding: bottom/right, zeros
+        crop = img[:, :h, :w]
+        windows = [(top, left, flip) for top in range(size[0] - h + 1) for left in range(size[1] - w + 1)
+                   for flip in (False, True)
+                   if torch.equal(crop, resized[:, top:top + h, left:left + w].flip(-1) if flip
+                                  else resized[:, top:top + h, left:left + w])]
+        assert windows, k  # the crop is a window of the rescaled image: it stays inside
+        crops.append(crop)
+    distinct = {c.numpy().tobytes() for c in crops}
+    # 48x96: 17 x 33 positions x 2 flips, so 6 samples are 6 different crops; 24x48: only the flip can change
+    assert len(distinct) == (6 if size == (48, 96) else 2)
+
+
 def test_render_scene_is_a_street():
     rgb, lab = carb.render_scene(np.random.default_rng(0), 64, 128)
     assert rgb.dtype == np.uint8 and rgb.shape == (64, 128, 3)
@@ -198,15 +230,11 @@ def test_templates():
     assert len(set(carb.TEMPLATES)) == 85
 
 
-def test_load_clip_unknown_name(tmp_path):
-    with pytest.raises(carb.CarbError, match=re.escape("ViT-Nope/99")):
-        carb.load_clip("ViT-Nope/99", "cpu")
-
-
-def test_load_clip_missing_file(tmp_path):
-    missing = str(tmp_path / "missing.pt")
-    with pytest.raises(carb.CarbError, match=re.escape(missing)):
-        carb.load_clip(missing, "cpu")
+@pytest.mark.parametrize("name", ["ViT-Nope/99", "missing.pt"])  # an unknown clip.load name; a file not there
+def test_load_clip_unknown_name_or_missing_file_is_named(name, tmp_path):
+    name = name if "/" in name else str(tmp_path / name)
+    with pytest.raises(carb.CarbError, match=re.escape(f"--clip-model {name}: cannot load it")):
+        carb.load_clip(name, "cpu")
 
 
 def test_text_classifier_matches_hand_computed_prompt_ensemble(tiny_clip):
@@ -312,6 +340,14 @@ def test_simulated_clip_shape_determinism_and_classifier():
     assert torch.equal(out, carb.SimulatedCLIP()(x.clone()))
     t = sim.text_classifier
     torch.testing.assert_close(t @ t.T, torch.eye(C), atol=1e-5, rtol=0)
+    # an image of one scene colour, without noise, as training feeds it (CLIP-normalized): that class at every patch
+    quiet = carb.SimulatedCLIP(noise=0)
+    for label_id, train_id in {7: 0, 23: 10, 26: 13}.items():  # road, sky, car (the Cityscapes table)
+        colour = torch.tensor(carb.SYNTH_COLORS[label_id][1], dtype=torch.float32) / 255
+        image = TF.normalize(colour[:, None, None].expand(3, 48, 80)[None], carb.CLIP_MEAN, carb.CLIP_STD)
+        scores = quiet(image)
+        assert scores.shape == (1, C, 3, 5)
+        assert scores.argmax(1).eq(train_id).all(), (label_id, scores.argmax(1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,21 +569,39 @@ def by_hand_ce(logits, mask, labels, weight=None):
 
 @pytest.mark.parametrize("carb_on", [False, True])
 def test_train_one_step_global_and_local_views(carb_on):
+    """Image 1 of the batch is padding below row 20 and right of column 40 (valid_hw 20x40 in the 32x64 crop): those
+    pixels are ignored (255) in the global mask and in the local one (window rows 8-24, columns 16-48)."""
     batch, scorer, seen, model = step_setup()
+    images, labels, valid_hw = batch
+    images[1, :, 20:], images[1, :, :, 40:] = 0, 0  # as WeakTrainSet pads
+    valid_hw[1] = torch.tensor([20, 40])
     window = (8, 16, 16, 32, 1.5)  # top, left, h, w, m
     loss, logs = carb.train_one_step(model, scorer, batch, window, carb_on, 0.03, torch.device("cpu"))
     assert seen == [(32, 64), (24, 48)]  # CLIP on the crop, then on the window up-scaled x1.5
-    x = batch[0].float() / 255
+    x = images.float() / 255
     clip_x = TF.normalize(x, carb.CLIP_MEAN, carb.CLIP_STD)
     logits = model(TF.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
-    global_mask = carb.pseudo_mask(scorer(clip_x), batch[1], (32, 64))
+    global_mask = carb.pseudo_mask(scorer(clip_x), labels, (32, 64))
     local_clip = F.interpolate(clip_x[:, :, 8:24, 16:48], size=(24, 48), mode="bilinear", align_corners=False)
-    local_mask = carb.pseudo_mask(scorer(local_clip), batch[1], (16, 32))
+    local_mask = carb.pseudo_mask(scorer(local_clip), labels, (16, 32))
+    padding = torch.zeros(2, 32, 64, dtype=torch.bool)
+    padding[1, 20:], padding[1, :, 40:] = True, True
+    assert padding[:, 8:24, 16:48].any()  # the window reaches into the padding
     weight = 0.03 if carb_on else None
-    expected = (by_hand_ce(logits, global_mask, batch[1], weight)
-                + by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, batch[1], weight))
+    unpadded = (by_hand_ce(logits, global_mask, labels, weight)
+                + by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, labels, weight))
+    global_mask[padding], local_mask[padding[:, 8:24, 16:48]] = 255, 255
+    expected = (by_hand_ce(logits, global_mask, labels, weight)
+                + by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, labels, weight))
     assert torch.allclose(loss, expected, atol=1e-5)
+    assert not torch.allclose(loss, unpadded, atol=1e-3)  # the padding would have counted
+    assert logs["global"] == pytest.approx(by_hand_ce(logits, global_mask, labels, weight).item(), rel=1e-5)
     assert ("w" in logs) == carb_on and logs.get("w", 0.03) == 0.03
+    # the region fractions of the log, over the unpadded pixels only
+    prediction = torch.where(labels[:, :, None, None] > 0, logits, torch.tensor(-1e9)).argmax(1)
+    agree = (prediction == global_mask) & ~padding
+    assert logs["consistent"] == pytest.approx(agree.sum().item() / (~padding).sum().item())
+    assert logs["consistent"] + logs["inconsistent"] == pytest.approx(1)
 
 
 def test_train_one_step_without_local_view_is_global_only():
@@ -730,6 +784,21 @@ def test_eval_cli(trained):
     found = re.findall(r"^model mIoU: (\S+)$", r.stdout, re.M)
     assert len(found) == 1 and 0 <= float(found[0]) <= 100
     assert re.search(r"^model pixel accuracy: \S+$", r.stdout, re.M)
+    # the same weights (last.pth is the final model), the same val split, the same device: the same number
+    trained_miou = re.findall(r"^model mIoU: (\S+)$", trained["first"].stdout, re.M)
+    assert found == trained_miou, (found, trained_miou)
+    assert model_column(r.stdout) == model_column(trained["first"].stdout)  # and class by class
+
+
+def model_column(stdout):
+    """{class: the model column's cell} of a printed IoU table, whose last column is the model's."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("class "))
+    assert lines[header].split()[-1] == "model", lines[header]
+    end = next(i for i in range(header, len(lines)) if lines[i].startswith("mIoU "))
+    cells = {re.match(r"(.+?)\s{2,}", line).group(1): line.split()[-1] for line in lines[header + 1:end]}
+    assert cells, stdout
+    return {name: cell for name, cell in cells.items() if cell != "-"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -855,11 +924,9 @@ def test_pred_dir_bad_input_names_the_culprit(labelled, case, message):
 
 def test_pred_dir_error_is_one_line_exit_2(labelled, tmp_path):
     os.remove(labelled["preds"][0])
-    r = cli("eval.py", "--data", "cityscapes", "--data-root", labelled["root"], "--pred-dir", labelled["pred"],
-            home=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
-    assert r.stderr.startswith("eval.py: error: --pred-dir: 1 of 3 images") and "city_000000_000000" in r.stderr
+    line = eval_cli_one_line_error(tmp_path, "--data", "cityscapes", "--data-root", labelled["root"], "--pred-dir",
+                                   labelled["pred"], culprits=["city_000000_000000"])
+    assert line.startswith("eval.py: error: --pred-dir: 1 of 3 images")
 
 
 def test_ckpt_and_saved_labelids_agree_with_official_evaluation(trained, tmp_path):
@@ -933,7 +1000,7 @@ def test_clip_view_tiles_and_scale():
     assert (mask[16:, :32] == 0).all() and (mask[16:, 32:] == 3).all()
 
 
-def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path):
+def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch):
     root = trained["root"]
     results = run_eval("--data", "cityscapes", "--data-root", root, "--clip", "--clip-scale", 2, "--clip-tiles", 2,
                        "--clip-model", trained["clip"],
@@ -948,6 +1015,46 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path):
     expected = carb.mean_iou(carb.evaluate(pseudo, loader, C, torch.device("cpu")))
     assert results["pseudo-mask"]["miou"] == pytest.approx(expected)
 
+    # Both columns by hand, with a CLIP that says sky (10) where what it sees is mostly white, else road (0), and
+    # val images white in rows 0-24 of 64, black below. GT (VAL_LABELS): image 0 sky 0-16, building 16-32,
+    # road 32-56, car 56-64; image 1 sky 0-24, road 24-64 (rows of 128 pixels; counts below in rows).
+    tree = write_tree(tmp_path / "white_top")
+    for n in (0, 1):
+        image = np.zeros((64, 128, 3), np.uint8)
+        image[:24] = 255
+        Image.fromarray(image).save(tree / "leftImg8bit" / "val" / "city" / f"x_000000_00000{n}_leftImg8bit.png")
+    mean, std = (torch.tensor(v)[:, None, None] for v in (carb.CLIP_MEAN, carb.CLIP_STD))
+
+    sizes = []
+
+    def white_is_sky(x):  # CLIP-normalized [B,3,H,W] -> one-hot scores on the 16x16 patch grid
+        sizes.append(tuple(x.shape[-2:]))
+        scores = torch.zeros(x.shape[0], C, x.shape[-2] // 16, x.shape[-1] // 16)
+        for b in range(x.shape[0]):
+            scores[b, 10 if (x[b] * std + mean).mean() > 0.5 else 0] = 1
+        return scores
+
+    monkeypatch.setattr(carb, "build_scorer", lambda args, device: (white_is_sky, torch.eye(C)))
+    results = run_eval("--data", "cityscapes", "--data-root", tree, "--clip", "--clip-scale", 2, "--clip-tiles", 2,
+                       "--workers", 0)
+    assert sizes == [(64, 128)] * 10  # per image: the whole image, then its four 32x64 quarters up-scaled x2
+    # original: the whole image is 24/64 white -> road everywhere. road tp 24 + 40, predicted 128, GT 64: 1/2;
+    # sky, building, car: GT only, 0. mIoU (0.5 + 0 + 0 + 0) / 4
+    # x2 2x2: the top tiles (rows 0-32) are 24/32 white -> sky, the bottom ones black -> road.
+    #   sky: tp 16 + 24, predicted 64, GT 40 -> 40/64; road: tp 24 + 32, predicted 64, GT 64 -> 56/72
+    by_hand = {"pseudo-mask": {"road": 0.5, "sky": 0.0, "building": 0.0, "car": 0.0},
+               "pseudo-mask x2 2x2": {"road": 56 / 72, "sky": 40 / 64, "building": 0.0, "car": 0.0}}
+    assert list(results) == list(by_hand)
+    for title, ious in by_hand.items():
+        got = {name: c["iou"] for name, c in results[title]["classes"].items() if c["iou"] is not None}
+        assert got == pytest.approx({name: 100 * v for name, v in ious.items()}), title
+        assert results[title]["miou"] == pytest.approx(100 * sum(ious.values()) / 4), title
+    assert results["pseudo-mask"]["miou"] == pytest.approx(12.5)
+    # training's final table takes carb.clip_pseudo_mask: the same original-view number
+    loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(tree), "val")), batch_size=1)
+    pseudo = functools.partial(carb.clip_pseudo_mask, white_is_sky, num_classes=C)
+    assert carb.mean_iou(carb.evaluate(pseudo, loader, C, torch.device("cpu"))) == pytest.approx(12.5)
+
 
 def test_vis_writes_one_strip_per_image(trained, tmp_path):
     run_eval("--data", "cityscapes", "--data-root", trained["root"], "--ckpt", trained["run"] / "last.pth",
@@ -956,23 +1063,6 @@ def test_vis_writes_one_strip_per_image(trained, tmp_path):
     strip = Image.open(tmp_path / "vis" / "x_000000_000000.png").convert("RGB")
     assert strip.width == 4 * 128  # image | pseudo-mask | model | GT
     assert strip.getpixel((3 * 128 + 5, 16 + 20)) == BUILDING and strip.getpixel((3 * 128 + 5, 16 + 40)) == ROAD
-
-
-def test_resume_continues_to_more_iterations(trained):
-    out = trained["base"] / "resumed"
-    shutil.copytree(trained["run"], out)
-    r = trained["train"](out, 6, "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(out / "last.pth", weights_only=True)
-    assert ckpt["iteration"] == 6
-    assert len(ckpt["balancer"]["consistent"]) == 4  # 2 restored + iterations 4 and 5
-
-
-def test_training_needs_no_train_gt(trained):
-    assert not (trained["root"] / "gtFine" / "train").exists()
-    r = trained["train"](trained["base"] / "no_gt", 3, "--carb-start", 1, "--val-every", 3)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(trained["base"] / "no_gt" / "last.pth", weights_only=True)["iteration"] == 3
 
 
 def error_lines(stderr):
@@ -1059,6 +1149,14 @@ def assert_one_line_error(code, stderr, *culprits, prog="carb.py"):
     assert len(errors) == 1 and lines[-1] == errors[0], stderr
     for culprit in culprits:
         assert str(culprit) in errors[0], (culprit, errors[0])
+
+
+def eval_cli_one_line_error(home, *argv, culprits=()):
+    """eval.py on the command line: exit 2, and its stderr is the one error line, naming the culprits; returns it."""
+    r = cli("eval.py", *argv, home=home)
+    assert_one_line_error(r.returncode, r.stderr, *culprits, prog="eval.py")
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr  # not even a progress bar before it
+    return r.stderr.strip()
 
 
 def small_argv(tree, tmp_path, *extra):
@@ -1152,16 +1250,31 @@ def test_nonsensical_numbers_are_one_line_errors(extra, culprit, tree, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_carb_start_at_iters_trains_without_carb_and_logs_every_iteration(tree, tmp_path, capsys):
-    carb.run([str(a) for a in small_argv(tree, tmp_path, "--carb-start", 2)])
+@pytest.mark.parametrize("extra", [["--carb-start", 2], ["--carb-start", 0, "--region-weight", 0.03,
+                                                          "--no-local-view"]])
+def test_carb_start_at_iters_trains_without_carb_and_logs_every_iteration(extra, tree, tmp_path, capsys):
+    """--carb-start 2 of 2: plain CE throughout. --carb-start 0 with a fixed --region-weight: CARB at every row, w
+    exactly that number, no balancer saved; with --no-local-view, no local loss. The lr column is the poly schedule."""
+    carb.run([str(a) for a in small_argv(tree, tmp_path, "--lr", 0.004, "--min-lr", 0.0004, *extra)])
     with open(tmp_path / "run" / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["iteration"] for r in rows] == ["0", "1"]
-    assert all(r["ce_c"] == r["ce_i"] == r["w"] == "" for r in rows)  # plain CE throughout
+    # poly: (0.004 - 0.0004) * (1 - it/2)^0.9 + 0.0004, worked by hand: 0.004 at 0; 0.0036 * 0.5^0.9 + 0.0004 at 1
+    assert float(rows[0]["lr"]) == pytest.approx(0.004, rel=1e-12)
+    assert float(rows[1]["lr"]) == pytest.approx(0.0036 * 0.5 ** 0.9 + 0.0004, rel=1e-12)
+    carb_on = "--region-weight" in extra
     for r in rows:
-        assert float(r["lr"]) > 0 and float(r["global"]) > 0 and float(r["local"]) > 0
+        assert float(r["global"]) > 0
         assert float(r["consistent"]) + float(r["inconsistent"]) == pytest.approx(1)
+        if carb_on:
+            assert float(r["w"]) == 0.03 and float(r["ce_c"]) > 0 and float(r["ce_i"]) >= 0
+            assert r["local"] == ""  # --no-local-view
+        else:
+            assert r["ce_c"] == r["ce_i"] == r["w"] == ""  # plain CE throughout
+            assert float(r["local"]) > 0
     assert rows[0]["val_miou"] == "" and 0 <= float(rows[1]["val_miou"]) <= 100
+    ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert (ckpt["balancer"] is None) == carb_on  # a fixed weight has no history; the adaptive one is saved
 
 
 def test_out_that_is_a_file_is_a_one_line_error(tree, tmp_path, capsys):
@@ -1183,12 +1296,16 @@ def test_new_run_into_a_finished_run_is_refused(trained, tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_resume_with_another_backbone_is_a_one_line_error(trained, tmp_path, capsys):
+@pytest.mark.parametrize("flag, other, culprit", [("--backbone", "resnet50", "--backbone mobilenet_v3_large"),
+                                                   ("--data", "wilddash2", "--data cityscapes")])
+def test_resume_with_another_backbone_or_data_is_a_one_line_error(flag, other, culprit, trained, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(trained["run"], out)
     before = snapshot(out)
-    code, err = run_carb(capsys, *trained["argv"](out, 6, "--resume", "--backbone", "resnet50"))
-    assert_one_line_error(code, err, out / "last.pth", "--backbone mobilenet_v3_large")
+    argv = trained["argv"](out, 6, "--resume")
+    argv[argv.index(flag) + 1] = other
+    code, err = run_carb(capsys, *argv)
+    assert_one_line_error(code, err, out / "last.pth", culprit, f"not {other}")
     assert snapshot(out) == before
 
 
@@ -1247,8 +1364,7 @@ def test_eval_ckpt_that_does_not_fit_is_a_one_line_error(kind, tmp_path):
     before = snapshot(tmp_path)
     argv = ["--data", "cityscapes", "--data-root", tmp_path, "--ckpt", ckpt, "--device", "cpu"]
     if kind == "truncated":  # once through the command line: exit code and the one line
-        r = cli("eval.py", *argv, home=tmp_path)
-        assert_one_line_error(r.returncode, r.stderr, "--ckpt", *culprits, prog="eval.py")
+        eval_cli_one_line_error(tmp_path, *argv, culprits=["--ckpt", *culprits])
     else:
         eval_py = importlib.import_module("eval")
         with pytest.raises(carb.CarbError) as e:
@@ -1308,6 +1424,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tmp_path, cap
     def argv(out, *extra):
         return [str(a) for a in trained["argv"](out, 5, "--val-every", 2, *extra)]
 
+    assert not (trained["root"] / "gtFine" / "train").exists()  # every run here trains without the train GT
     carb.run(argv(tmp_path / "straight"))
     capsys.readouterr()
 
@@ -1344,6 +1461,15 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tmp_path, cap
         assert torch.equal(a["model"][key], b["model"][key]), key
     for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(x[k], y[k]) for k in y)
+    assert len(b["balancer"]["consistent"]) == 3  # CARB from iteration 2 (the fixture's --carb-start)
+
+    # a finished run continues to more iterations: the balancer's history is restored, then grows
+    carb.run(argv(out, "--iters", 6, "--resume"))
+    c = torch.load(out / "last.pth", weights_only=True)
+    assert c["iteration"] == 6
+    assert c["balancer"]["consistent"][:3] == b["balancer"]["consistent"] and len(c["balancer"]["consistent"]) == 4
+    log = (out / "log.csv").read_text().splitlines()
+    assert log[:6] == (tmp_path / "straight" / "log.csv").read_text().splitlines() and log[6].startswith("5,")
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(trained, tmp_path):
@@ -1372,24 +1498,54 @@ def test_ctrl_c_saves_and_says_how_to_resume(trained, tmp_path):
     assert re.search(r"to continue: python carb.py .*--out " + re.escape(str(out)) + r" .*--resume$", err, re.M)
 
 
-def test_ablation_runs_each_variant_through_the_normal_cli(trained, capsys, monkeypatch):
-    monkeypatch.setattr(evaluation, "ABLATION_SEEDS", (0, 1))
-    out = trained["base"] / "abl"
-    argv = [str(a) for a in trained["argv"](out, 4, "--backbone", "mobilenet_v3_stride8", "--ablation")]
-    results = evaluation.ablation(argv)
+@pytest.mark.parametrize("given, iters, carb_start", [
+    (["--data", "cityscapes", "--iters", 4, "--carb-start", 2], 4, 2),  # as given
+    (["--data", "synthetic"], 150, 80),  # ABLATION_ITERS; CARB from the official 16000/30000 of it: 80
+])
+def test_ablation_runs_each_variant_through_the_normal_cli(given, iters, carb_start, tmp_path, capsys, monkeypatch):
+    """Every variant (a)-(e) with every seed is one carb.main() of the normal command line with the variant's flags;
+    a fake main records them and returns IoUs made up here, whose mean ± std rows are worked out by hand."""
+    out = tmp_path / "abl"
+    seen = {}
+
+    def fake_main(args):
+        variant, seed = os.path.basename(args.out)[0], args.seed
+        assert (variant, seed) not in seen
+        seen[variant, seed] = args
+        i = "abcde".index(variant)
+        model = torch.full((C,), (10 * (i + 1) + (i + 1) * seed + 0.3) / 100)
+        model[[5, 6, 7]] = torch.tensor([0.2 + 0.01 * seed, 0.05 * (i + 1) + 0.02 * seed, 0.5 - 0.03 * seed])
+        return torch.full((C,), 0.4321), model  # (pseudo-mask IoUs, model IoUs)
+
+    monkeypatch.setattr(carb, "main", fake_main)
+    argv = [str(a) for a in given + ["--out", out, "--device", "cpu", "--ablation"]]
+    results = carb.run(argv)  # carb.py --ablation hands over to eval.ablation
+    assert sorted(seen) == [(v, s) for v in "abcde" for s in (0, 1, 2)]
+    for (v, s), args in seen.items():
+        assert args.out == os.path.join(f"{out}_ablation", f"{v}_seed{s}") and args.seed == s
+        assert args.iters == iters and args.val_every == iters and not args.ablation
+        assert args.no_local_view == (v in "ac")
+        assert args.carb_start == (iters if v in "ab" else carb_start)
+        assert args.region_weight == ("0.03" if v == "e" else "adaptive")
+        assert args.data == given[1] and args.device == "cpu"
     printed = capsys.readouterr().out
-    for v, seed in [(v, s) for v in "abcde" for s in (0, 1)]:
-        rows = list(csv.DictReader(open(f"{out}_ablation/{v}_seed{seed}/log.csv")))
-        assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3]
-        carb_rows = [r for r in rows if r["ce_c"]]  # --carb-start 2 from the tiny run's argv, ITERS for (a), (b)
-        assert [int(r["iteration"]) for r in carb_rows] == ([] if v in "ab" else [2, 3])
-        assert all(bool(r["local"]) == (v not in "ac") for r in rows)  # --no-local-view for (a), (c)
-        assert all((float(r["w"]) == 0.03) == (v == "e") for r in carb_rows)  # (e): fixed weight, else adaptive
-    assert results[evaluation.ABLATION[3][0], 0] != results[evaluation.ABLATION[3][0], 1]  # the seeds differ
-    for name, _ in evaluation.ABLATION:  # the mean ± std rows (sample std of two numbers: |a - b| / sqrt 2)
-        m0, m1 = results[name, 0][0], results[name, 1][0]
-        mean, std = (m0 + m1) / 2, abs(m0 - m1) / math.sqrt(2)
-        assert re.search(rf"^{re.escape(name)} +{mean:.2f} ± {std:.2f} ", printed, re.M), printed
+    assert f"ablation: {given[1]}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU 43.21" \
+        in printed
+    header = next(line for line in printed.splitlines() if "mIoU" in line and "IoU pole" in line)
+    assert re.split(r"\s{2,}", header.strip()) == ["mIoU", "IoU pole", "IoU traffic light", "IoU traffic sign"]
+    for i, (name, _) in enumerate(evaluation.ABLATION):
+        runs = []  # by hand, per seed: [mIoU = the mean of the 19 IoUs, pole, traffic light, traffic sign] in %
+        for s in (0, 1, 2):
+            small = [0.2 + 0.01 * s, 0.05 * (i + 1) + 0.02 * s, 0.5 - 0.03 * s]
+            rest = (10 * (i + 1) + (i + 1) * s + 0.3) / 100
+            runs.append([100 * (16 * rest + sum(small)) / 19] + [100 * v for v in small])
+        assert results[name, 0] == pytest.approx(runs[0], abs=1e-4)
+        row = next(line for line in printed.splitlines() if line.startswith(name))
+        cells = [(float(m), float(sd)) for m, sd in re.findall(r"(-?\d+\.\d\d) ± (\d+\.\d\d)", row)]
+        expected = [(statistics.mean(col), statistics.stdev(col)) for col in zip(*runs)]  # sample std, as torch
+        assert len(cells) == 4, row
+        for (m, sd), (em, esd) in zip(cells, expected):
+            assert m == pytest.approx(em, abs=0.005 + 1e-4) and sd == pytest.approx(esd, abs=0.005 + 1e-4), row
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1553,15 +1709,6 @@ def test_simulated_clip_is_refused_for_other_classes(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_with_another_data_is_a_one_line_error(trained, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(trained["run"], out)
-    argv = trained["argv"](out, 6, "--resume")
-    argv[argv.index("--data") + 1] = "wilddash2"
-    code, err = run_carb(capsys, *argv)
-    assert_one_line_error(code, err, out / "last.pth", "--data cityscapes")
-
-
 def test_eval_refuses_a_checkpoint_of_other_classes(trained, tmp_path):
     root = write_flat_tree(tmp_path / "camvid", "camvid")
     with pytest.raises(carb.CarbError, match="trained with --data cityscapes.*pass --data cityscapes"):
@@ -1606,6 +1753,15 @@ def test_infinite_sampler_ranks_deal_out_the_single_process_stream():
             assert ranks[r][t * B:(t + 1) * B] == single[t * N * B + r * B:t * N * B + (r + 1) * B]
     resumed = take(carb.InfiniteSampler(n, seed=1, start=2 * N * B, rank=1, world=N, batch=B), B)
     assert resumed == ranks[1][2 * B:3 * B]
+    # the one-process stream: sample numbers 0, 1, 2, ...; each epoch (n consecutive samples) is a permutation of
+    # the n images, and the epochs are shuffled anew
+    stream = [s for _, s in zip(range(6 * n), carb.InfiniteSampler(n, seed=1))]
+    assert [k for k, _ in stream] == list(range(6 * n))
+    epochs = [tuple(i for _, i in stream[e * n:(e + 1) * n]) for e in range(6)]
+    assert all(sorted(epoch) == list(range(n)) for epoch in epochs), epochs
+    assert len(set(epochs)) == 6, epochs
+    # resuming in the middle of an epoch (sample 7 = epoch 1, position 2) continues that epoch's permutation
+    assert take(carb.InfiniteSampler(n, seed=1, start=7), 8) == stream[7:15]
 
 
 QUADRANTS = {(255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3, (255, 255, 0): 4}  # colour -> class in the mask
@@ -1690,18 +1846,56 @@ def test_profile_and_precomputed_masks_run_end_to_end(tree, tmp_path, capsys):
     carb.run([str(a) for a in small_argv(tree, tmp_path, "--profile", "--global-masks", "precompute")])
     out = capsys.readouterr().out
     table = out[out.index("phase"):]
+    rows = {}  # phase: (total s, ms/step, % of step)
     for phase in carb.Stopwatch.STEP + ["step"]:
-        assert re.search(rf"^{re.escape(phase)}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", table, re.M), (phase, table)
+        found = re.search(rf"^{re.escape(phase)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", table, re.M)
+        assert found, (phase, table)
+        rows[phase] = tuple(map(float, found.groups()))
+    # the step is its phases: printed to 0.01 s, so each of the 6 + 1 rows may be off by up to 0.005
+    phases = [rows[p] for p in carb.Stopwatch.STEP]
+    assert rows["step"][0] == pytest.approx(sum(t for t, _, _ in phases), abs=0.01 * (len(phases) + 1)), table
+    assert rows["step"][2] == 100.0 and sum(pct for _, _, pct in phases) == pytest.approx(100, abs=0.05 * 6)
+    for total, ms, _ in phases + [rows["step"]]:  # 2 steps: ms/step = 1000 * total / 2, both rounded
+        assert ms == pytest.approx(500 * total, abs=500 * 0.005 + 0.05), table
     assert len(list((tmp_path / "cache").glob("global_masks_*/*.png"))) == 2
     assert re.search(r"^model mIoU: ", out, re.M)
 
 
 def test_benchmark_prints_its_two_lines(capsys):
     """The benchmark's code path at toy size and one round (the real one takes minutes: README, Performance)."""
-    evaluation.benchmark(carb.parse_args(["--benchmark", "--device", "cpu", "--crop", "32", "64", "--window", "32", "16",
-                                    "--backbone", "mobilenet_v3_large"]), steps=1)
+    evaluation.benchmark(carb.parse_args(["--benchmark", "--device", "cpu", "--crop", "32", "64", "--window", "32",
+                                          "16", "--backbone", "mobilenet_v3_large"]), steps=1)
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"step/unavoidable: \d+\.\d\d", lines[-2]) and re.fullmatch(r"carb share: \d+\.\d%", lines[-1])
+
+
+def test_distributed_region_balancer_history_is_the_mean_of_the_ranks_ces(monkeypatch):
+    """Two ranks simulated in one process: all_reduce sums this rank's [CE(R_c), CE(R_i)] with the other rank's.
+    Both ranks store the mean over the ranks and get the same w (window 2, coeff 0.5), all worked out by hand."""
+    ces = [[(1.5, 0.5), (0.5, 1.5)], [(2.0, 1.0), (1.0, 0.25)], [(0.75, 3.0), (0.25, 1.0)]]  # [iteration][rank]
+    now = {}
+
+    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        assert op == torch.distributed.ReduceOp.SUM and not async_op
+        it, rank = now["it"], now["rank"]
+        assert tensor.tolist() == list(ces[it][rank])  # this rank's [CE(R_c), CE(R_i)], in that order
+        tensor += torch.tensor(ces[it][1 - rank])
+
+    monkeypatch.setattr(carb.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(carb.dist, "get_world_size", lambda group=None: 2)
+    balancers = [carb.DistributedRegionBalancer(coeff=0.5, window=2) for _ in range(2)]
+    # means over the ranks: (1.0, 1.0), (1.5, 0.625), (0.5, 2.0); w = 0.5 * mean(last 2 c) / mean(last 2 i)
+    expected = [([1.0], [1.0], 0.5 * 1.0 / 1.0),
+                ([1.0, 1.5], [1.0, 0.625], 0.5 * 1.25 / 0.8125),
+                ([1.5, 0.5], [0.625, 2.0], 0.5 * 1.0 / 1.3125)]
+    for it, (consistent, inconsistent, w) in enumerate(expected):
+        for rank, balancer in enumerate(balancers):
+            now.update(it=it, rank=rank)
+            c, i = ces[it][rank]
+            assert balancer(torch.tensor(c), torch.tensor(i)) == pytest.approx(w)
+            assert balancer.consistent == consistent and balancer.inconsistent == inconsistent
+            assert balancer.weight == pytest.approx(w)
+    assert balancers[0].state_dict() == balancers[1].state_dict()
 
 
 TORCHRUN_WRAPPER = '''
