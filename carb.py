@@ -113,13 +113,25 @@ def text_classifier(clip_model, class_names, cache_file=None):
         atomic_save(classifier, cache_file)
     return classifier
 
-@torch.inference_mode()
-def maskclip_scores(clip_model, images, text_classifier):
-    """MaskCLIP dense scores: images [B,3,H,W], CLIP-normalized -> cosine similarities [B,C,H/16,W/16].
+DENSE_CLIP = ["maskclip", "sclip", "clearclip", "naclip"]  # last-block variants of maskclip_scores
 
-    The ViT runs as trained, its positional embedding resized (bicubic) to the input's patch grid. The last block
-    uses only its value path, x + out_proj(v_proj(ln_1(x))), then its MLP: each patch keeps its own content instead
-    of the attention's global mixing. Then ln_post and the visual projection, as for CLIP's class token."""
+def neighbourhood(gh, gw, sigma=5.0):
+    """NACLIP's attention bias: Omega_ij = exp(-|p_i - p_j|^2 / 2 sigma^2) for patches at grid positions p_i, p_j
+    (row, column; sigma in patches); 0 in the CLS token's row and column. [N+1, N+1]."""
+    grid = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"), -1).reshape(-1, 2).float()
+    return F.pad(torch.exp(-torch.cdist(grid, grid) ** 2 / (2 * sigma ** 2)), (1, 0, 1, 0))
+
+@torch.inference_mode()
+def maskclip_scores(clip_model, images, text_classifier, variant="maskclip"):
+    """Dense CLIP scores: images [B,3,H,W], CLIP-normalized -> cosine similarities [B,C,H/16,W/16].
+
+    The ViT runs as trained, its positional embedding resized (bicubic) to the input's patch grid, up to its last
+    block. There, with x the tokens (CLS first), q, k, v = in_proj(ln_1(x)) per head and s = head_dim^-0.5:
+      maskclip (CARB's)  y = x + out_proj(v);                                   y = y + mlp(ln_2(y))
+      sclip              y = x + out_proj((softmax(s q q^T) + softmax(s k k^T)) v); y = y + mlp(ln_2(y))
+      clearclip          y = out_proj(softmax(s q q^T) v)                       (no residual, no MLP)
+      naclip             y = out_proj(softmax(s k k^T + Omega) v)               (Omega: `neighbourhood`)
+    Each patch then goes through ln_post and the visual projection, as CLIP's class token does."""
     vit = clip_model.visual
     p = vit.conv1.kernel_size[0]
     H, W = images.shape[-2:]
@@ -137,11 +149,20 @@ def maskclip_scores(clip_model, images, text_classifier):
     *blocks, last = vit.transformer.resblocks
     for block in blocks:
         x = block(x)
-    d = x.shape[-1]
-    v = F.linear(last.ln_1(x), last.attn.in_proj_weight[2 * d:], last.attn.in_proj_bias[2 * d:])
-    x = x + last.attn.out_proj(v)
-    x = x + last.mlp(last.ln_2(x))
-    x = vit.ln_post(x[1:].permute(1, 0, 2)) @ vit.proj  # patches only: [B, N, D]
+    q, k, v = F.linear(last.ln_1(x), last.attn.in_proj_weight, last.attn.in_proj_bias).chunk(3, dim=-1)
+    if variant == "maskclip":  # the value path alone: each patch keeps its own content
+        y = x + last.attn.out_proj(v)
+    else:  # patches attend to patches like them, per head, as nn.MultiheadAttention splits them
+        hd = x.shape[-1] // last.attn.num_heads
+        q, k, v = (t.reshape(t.shape[0], -1, hd).transpose(0, 1) for t in (q, k, v))  # [B*heads, N+1, hd]
+        attend = lambda a, b, bias=0: torch.softmax(a @ b.transpose(1, 2) * hd ** -0.5 + bias, -1)  # noqa: E731
+        A = {"sclip": lambda: attend(q, q) + attend(k, k), "clearclip": lambda: attend(q, q),
+             "naclip": lambda: attend(k, k, neighbourhood(gh, gw).to(x))}[variant]()
+        y = last.attn.out_proj((A @ v).transpose(0, 1).reshape(x.shape))
+        y = x + y if variant == "sclip" else y
+    if variant in ("maskclip", "sclip"):
+        y = y + last.mlp(last.ln_2(y))
+    x = vit.ln_post(y[1:].permute(1, 0, 2)) @ vit.proj  # patches only: [B, N, D]
     x = F.normalize(x.float(), dim=-1)
     scores = x @ text_classifier.to(x.device, torch.float32).t()  # [B, N, C]
     return scores.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
@@ -565,8 +586,9 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
     """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
     the base size, as a PNG that WeakTrainSet augments with its image; each rank writes every world-th one."""
     model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
-    key = hashlib.sha1(repr(([os.path.abspath(p) for p in images], model, tuple(args.base_size))).encode()
-                       + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
+    inputs = ([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))
+    key = hashlib.sha1(repr(inputs).encode() + labels.numpy().tobytes() + classifier.float().numpy().tobytes())
+    key = key.hexdigest()[:16]
     paths = [os.path.join(args.cache_dir, f"global_masks_{key}", f"{i:05d}_{image_id(p)}.png")
              for i, p in enumerate(images)]
     os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
@@ -671,10 +693,11 @@ def resume_checkpoint(args, last):
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CarbError(f"--resume: {last} cannot be read ({str(e).splitlines()[0][:120]}); start afresh, or resume "
                         "from a copy of best.pth") from None
-    for key in ("data", "backbone", "optimizer", "clip_model") if ckpt else ():
-        if ckpt["args"].get(key) != getattr(args, key):
-            raise CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, "
-                            f"not {getattr(args, key)}: pass the run's own")
+    for key in ("data", "backbone", "optimizer", "clip_model", "dense_clip") if ckpt else ():
+        trained = ckpt["args"].get(key, "maskclip" if key == "dense_clip" else None)  # runs from before --dense-clip
+        if trained != getattr(args, key):
+            raise CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {trained}, not "
+                            f"{getattr(args, key)}: pass the run's own")
     if ckpt and ckpt["iteration"] > args.iters:
         raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
     return ckpt
@@ -984,6 +1007,8 @@ def get_args_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clip-model", metavar="NAME_OR_PATH", help="clip.load name or .pt file; 'simulated' = the "
                    "synthetic stand-in; " + d("clip_model"))
+    p.add_argument("--dense-clip", choices=DENSE_CLIP, default="maskclip", help="the pseudo-masks' last CLIP block: "
+                   "maskclip (CARB's), sclip, clearclip or naclip (README)")
     p.add_argument("--backbone", choices=list(BACKBONES), help=d("backbone"))
     p.add_argument("--backbone-weights", help="torchvision weights name or 'none'; " + d("backbone_weights"))
     p.add_argument("--val-every", type=number(int, 1), help=d("val_every"))
@@ -1020,6 +1045,8 @@ def parse_args(argv=None):
          f"--region-weight {args.region_weight}: use 'adaptive' or a number >= 0"),
         (args.clip_model == "simulated" and DATASETS[args.data] is not DATASETS["cityscapes"],
          f"--clip-model simulated knows only the Cityscapes classes: pass a CLIP model for --data {args.data}"),
+        (args.clip_model == "simulated" and args.dense_clip != "maskclip",
+         f"--dense-clip {args.dense_clip} changes CLIP's attention, which --clip-model simulated has not: pass a CLIP"),
     ]:
         if bad:
             raise CarbError(message)
@@ -1036,7 +1063,8 @@ def build_scorer(args, device):
                              else args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]
     classifier = text_classifier(clip_model, names, os.path.join(args.cache_dir, f"text_{key}.pt"))
     on_device = classifier.to(device)  # once: a copy from pageable memory at every call would stall the GPU queue
-    return functools.partial(maskclip_scores, clip_model, text_classifier=on_device), classifier
+    scorer = functools.partial(maskclip_scores, clip_model, text_classifier=on_device, variant=args.dense_clip)
+    return scorer, classifier
 
 def run(argv=None):
     """The command line: bad input is one line on stderr and exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""

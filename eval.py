@@ -57,6 +57,8 @@ def get_args_parser():
     p.add_argument("--clip-scale", type=float, default=1.0, help="also CLIP on the image up-scaled by this")
     p.add_argument("--clip-tiles", type=int, default=1, help="also CLIP on N x N tiles, stitched back")
     p.add_argument("--clip-model", help="default: the checkpoint's, else the dataset's carb.py default")
+    p.add_argument("--dense-clip", nargs="+", choices=carb.DENSE_CLIP, help="with --clip: one column per last-block "
+                   "variant of carb.maskclip_scores (default: the checkpoint's, else maskclip)")
     p.add_argument("--save-dir", help="write the predictions (of --ckpt, else of --pred-dir) as ID_SUFFIX.png")
     p.add_argument("--save-format", nargs="+", choices=list(SUFFIX),
                    help="default: labelid (what the Cityscapes server takes; trainid for camvid, wilddash2); "
@@ -362,11 +364,17 @@ def main(args):
     views = {}
     if args.clip or (args.vis and gts):  # a picture shows CLIP's pseudo-mask (and so its score) where there is GT
         args.clip_model = args.clip_model or ckpt_args.get("clip_model") or carb.DEFAULTS[args.data]["clip_model"]
-        scorer, _ = carb.build_scorer(args, device)
-        views["pseudo-mask"] = lambda image, labels, i: clip_view(scorer, image, labels, 1.0, 1)
-        if (args.clip_scale, args.clip_tiles) != (1, 1):
-            views[f"pseudo-mask x{args.clip_scale:g} {args.clip_tiles}x{args.clip_tiles}"] = \
-                lambda image, labels, i: clip_view(scorer, image, labels, args.clip_scale, args.clip_tiles)
+        variants = args.dense_clip or [ckpt_args.get("dense_clip", "maskclip")]
+        if args.clip_model == "simulated" and variants != ["maskclip"]:
+            raise carb.CarbError("--dense-clip changes CLIP's attention, which --clip-model simulated has not")
+        scorer, _ = carb.build_scorer(argparse.Namespace(**vars(args) | {"dense_clip": "maskclip"}), device)
+        for variant in variants:  # a column per variant: "pseudo-mask" alone for the default
+            name = "pseudo-mask" if variants == ["maskclip"] else f"pseudo-mask {variant}"
+            view = scorer if variant == "maskclip" else functools.partial(scorer, variant=variant)
+            views[name] = lambda image, labels, i, view=view: clip_view(view, image, labels, 1.0, 1)
+            if (args.clip_scale, args.clip_tiles) != (1, 1):
+                views[f"{name} x{args.clip_scale:g} {args.clip_tiles}x{args.clip_tiles}"] = \
+                    lambda image, labels, i, view=view: clip_view(view, image, labels, args.clip_scale, args.clip_tiles)
     if model is not None:
         views["model"] = lambda image, labels, i: carb.predict(model, image[None])[0]
         if args.flip or args.scales != [1.0]:  # reported beside the single-scale number, never instead of it

@@ -1998,3 +1998,143 @@ def test_torchrun_sigterm_to_one_rank_stops_both_and_resumes_exactly(torchrun):
     a, b = (torch.load(p / "last.pth", weights_only=True) for p in (run, straight))
     assert a["iteration"] == b["iteration"] == 4 and a["balancer"] == b["balancer"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dense CLIP variants (--dense-clip): MaskCLIP, SCLIP, ClearCLIP, NACLIP in the last block
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clips_by_heads(tmp_path_factory):
+    """Tiny random CLIPs with 1 and 2 vision heads (vision width 64 per head), loaded through clip.load(path)."""
+    models = {}
+    for heads in (1, 2):
+        torch.manual_seed(heads)
+        model = clip.model.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64 * heads,
+                                vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=64,
+                                transformer_heads=1, transformer_layers=1)
+        path = tmp_path_factory.mktemp("clips") / f"clip_{heads}_heads.pt"
+        torch.save(model.state_dict(), path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[heads] = clip.load(str(path), device="cpu", jit=False)[0].eval()
+        assert models[heads].visual.transformer.resblocks[-1].attn.num_heads == heads
+    return models
+
+
+def omega_by_loops(gh, gw, sigma=5.0):
+    """NACLIP's bias from its definition, pair by pair: token 0 is CLS (0 in its row and column), token 1 + r*gw + c
+    is the patch in row r, column c."""
+    omega = torch.zeros(gh * gw + 1, gh * gw + 1)
+    for i in range(gh * gw):
+        for j in range(gh * gw):
+            (ri, ci), (rj, cj) = divmod(i, gw), divmod(j, gw)
+            omega[i + 1, j + 1] = math.exp(-((ri - rj) ** 2 + (ci - cj) ** 2) / (2 * sigma ** 2))
+    return omega
+
+
+def reference_dense_clip(model, images, classifier, variant):
+    """The issue's four last blocks, image by image and head by head in plain loops, on the tokens that CLIP's own
+    forward pass feeds its last block (positional embedding resized as in reference_maskclip)."""
+    vit = copy.deepcopy(model.visual)
+    b, gh, gw, n = images.shape[0], images.shape[-2] // 16, images.shape[-1] // 16, vit.input_resolution // 16
+    pos = vit.positional_embedding.detach()
+    grid = F.interpolate(pos[1:].T.reshape(1, -1, n, n), size=(gh, gw), mode="bicubic", align_corners=False)
+    vit.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid.reshape(-1, gh * gw).T]))
+    last, seen = vit.transformer.resblocks[-1], {}
+    last.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0]))
+    with torch.no_grad():
+        vit(images)
+        x = seen["x"]  # [1 + gh*gw, B, width]
+        d, heads = x.shape[-1], last.attn.num_heads
+        hd = d // heads
+        w_q, w_k, w_v = last.attn.in_proj_weight.split(d)
+        b_q, b_k, b_v = last.attn.in_proj_bias.split(d)
+        attended = torch.empty_like(x)
+        for image in range(b):
+            x_hat, outputs = last.ln_1(x[:, image]), []
+            for h in range(heads):
+                cut = slice(h * hd, (h + 1) * hd)
+                q, k, v = (x_hat @ w[cut].T + bias[cut] for w, bias in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
+                softmax = lambda scores: torch.softmax(scores / math.sqrt(hd), dim=1)  # noqa: E731  over keys
+                A = {"maskclip": lambda: torch.eye(len(x)),
+                     "sclip": lambda: softmax(q @ q.T) + softmax(k @ k.T),
+                     "clearclip": lambda: softmax(q @ q.T),
+                     "naclip": lambda: torch.softmax(k @ k.T / math.sqrt(hd) + omega_by_loops(gh, gw), dim=1)}[variant]()
+                outputs.append(A @ v)
+            attended[:, image] = last.attn.out_proj(torch.cat(outputs, dim=1))
+        if variant in ("maskclip", "sclip"):
+            y = x + attended
+            y = y + last.mlp(last.ln_2(y))
+        else:
+            y = attended
+        patches = vit.ln_post(y[1:]) @ vit.proj
+        patches = patches / patches.norm(dim=-1, keepdim=True)
+        text = classifier / classifier.norm(dim=-1, keepdim=True)
+        return torch.einsum("nbd,cd->bcn", patches, text).reshape(b, -1, gh, gw)
+
+
+@pytest.mark.parametrize("variant", ["maskclip", "sclip", "clearclip", "naclip"])
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("size", [(48, 80), (112, 64)])
+def test_dense_clip_variants_equal_their_formulas(clips_by_heads, unit_classifier, variant, heads, size):
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(heads))
+    scores = carb.maskclip_scores(clips_by_heads[heads], images, unit_classifier, variant=variant)
+    assert scores.shape == (2, 5, size[0] // 16, size[1] // 16)
+    expected = reference_dense_clip(clips_by_heads[heads], images, unit_classifier, variant)
+    assert (scores - expected).abs().max() <= 1e-5
+
+
+def test_dense_clip_variants_differ_and_default_is_maskclip(clips_by_heads, unit_classifier):
+    images = torch.randn(1, 3, 48, 80, generator=torch.Generator().manual_seed(3))
+    default = carb.maskclip_scores(clips_by_heads[2], images, unit_classifier)
+    assert torch.equal(default, carb.maskclip_scores(clips_by_heads[2], images, unit_classifier, variant="maskclip"))
+    others = [carb.maskclip_scores(clips_by_heads[2], images, unit_classifier, variant=v)
+              for v in ("sclip", "clearclip", "naclip")]
+    assert all((o - default).abs().max() > 1e-3 for o in others)  # each formula changes the scores
+
+
+def test_neighbourhood_bias_of_a_2x3_grid_by_hand():
+    omega = carb.neighbourhood(2, 3)  # patches 1..6: (0,0) (0,1) (0,2) (1,0) (1,1) (1,2); sigma 5: 2 sigma^2 = 50
+    assert omega.shape == (7, 7)
+    assert (omega[0] == 0).all() and (omega[:, 0] == 0).all()  # the CLS token's row and column
+    assert omega[1:, 1:].diagonal().tolist() == [1.0] * 6
+    for (i, j), squared_distance in {(1, 2): 1, (1, 3): 4, (1, 4): 1, (1, 5): 2, (1, 6): 5, (3, 4): 5, (2, 5): 1}.items():
+        assert omega[i, j].item() == pytest.approx(math.exp(-squared_distance / 50), rel=1e-6)
+        assert omega[j, i] == omega[i, j]
+
+
+def test_dense_clip_flag_reaches_both_views_the_checkpoint_and_refuses_another_on_resume(
+        tree, tmp_path, tiny_clip_path, capsys, monkeypatch):
+    calls, real = [], carb.maskclip_scores
+
+    def spy(clip_model, images, text_classifier, variant="maskclip"):
+        calls.append((tuple(images.shape[-2:]), variant))
+        return real(clip_model, images, text_classifier, variant)
+
+    monkeypatch.setattr(carb, "maskclip_scores", spy)
+    argv = small_argv(tree, tmp_path, "--clip-model", tiny_clip_path, "--dense-clip", "naclip", "--window", 32, 32,
+                      "--multiplier", 0, 2)
+    carb.run([str(a) for a in argv])
+    training = [c for c in calls if c[0] in ((64, 128), (64, 64))]  # the crop, then the window up-scaled x2
+    assert {c[0] for c in training} == {(64, 128), (64, 64)} and {c[1] for c in training} == {"naclip"}
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["args"]["dense_clip"] == "naclip"
+    capsys.readouterr()
+    code, err = run_carb(capsys, *argv[:-6], "--dense-clip", "sclip", "--iters", 3, "--resume")
+    assert_one_line_error(code, err, "--dense-clip naclip", "not sclip")
+
+
+def test_dense_clip_other_than_maskclip_is_refused_with_the_simulated_clip(tree, tmp_path, capsys):
+    code, err = run_carb(capsys, *small_argv(tree, tmp_path, "--dense-clip", "clearclip"))
+    assert_one_line_error(code, err, "--dense-clip clearclip", "simulated")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_dense_clip_gives_a_column_per_variant(trained, tmp_path):
+    common = ["--data", "cityscapes", "--data-root", trained["root"], "--clip", "--clip-model", trained["clip"],
+              "--cache-dir", tmp_path / "cache", "--workers", 0]
+    single = run_eval(*common)
+    both = run_eval(*common, "--dense-clip", "maskclip", "naclip", "--clip-scale", 2)
+    assert list(both) == ["pseudo-mask maskclip", "pseudo-mask maskclip x2 1x1", "pseudo-mask naclip",
+                          "pseudo-mask naclip x2 1x1"]
+    assert both["pseudo-mask maskclip"] == single["pseudo-mask"]
