@@ -1008,7 +1008,7 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch
     assert list(results) == ["pseudo-mask", "pseudo-mask x2 2x2"]
     # the original view, by carb.py's own pseudo-mask evaluation (the route training's final table takes)
     scorer, _ = carb.build_scorer(argparse.Namespace(data="cityscapes", clip_model=str(trained["clip"]),
-                                                     cache_dir=str(tmp_path / "c2")),
+                                                     dense_clip="maskclip", cache_dir=str(tmp_path / "c2")),
                                   torch.device("cpu"))
     loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(root), "val")), batch_size=1)
     pseudo = functools.partial(carb.clip_pseudo_mask, scorer, num_classes=C)
@@ -1807,7 +1807,8 @@ def test_precompute_global_masks_restricted_sharded_and_cached(tree, tmp_path):
         calls.append(tuple(x.shape))
         return sim(x)
 
-    run_args = argparse.Namespace(base_size=(48, 96), clip_model="simulated", cache_dir=str(tmp_path / "cache"))
+    run_args = argparse.Namespace(base_size=(48, 96), clip_model="simulated", cache_dir=str(tmp_path / "cache"),
+                                  dense_clip="maskclip")
     args = (sim.text_classifier, images, labels, run_args, "cpu")
     paths = carb.precompute_global_masks(scorer, *args, rank=1, world=2)  # rank 1 of 2: image 1 only
     assert calls == [(1, 3, 48, 96)] and [os.path.isfile(p) for p in paths] == [False, True]
