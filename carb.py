@@ -620,10 +620,11 @@ class Stopwatch:
 
     def table(self, steps):
         step = sum(self.totals[p] for p in self.STEP)
-        rows = [(p, self.totals[p]) for p in self.STEP] + [("step", step)]
-        return "\n".join([f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"] + [
-            f"{p:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}" for p, t in rows]
-            + [f"{'(between steps: val, checkpoints)':<34}{sum(self.totals.values()) - step:>10.2f}"])
+        lines = [f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"]
+        for phase, t in [(p, self.totals[p]) for p in self.STEP] + [("step", step)]:
+            lines.append(f"{phase:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}")
+        lines.append(f"{'(between steps: val, checkpoints)':<34}{sum(self.totals.values()) - step:>10.2f}")
+        return "\n".join(lines)
 
 def make_model(args, classifier, device, ddp=False):
     """The Segmenter, its optimizer and its region weight: a RegionBalancer, or the fixed --region-weight."""
@@ -683,10 +684,12 @@ class Interrupted(Exception):
 
 def resume_checkpoint(args, last):
     """None for a new run; for --resume, RUN/last.pth, refused before any work if it cannot continue this run."""
-    if os.path.isfile(args.out) or os.path.isfile(last) != args.resume:
-        raise CarbError(f"--out {args.out} is a file: pass a folder" if os.path.isfile(args.out) else
-                        f"--resume: {last} not found; drop --resume to start a new run" if args.resume else
-                        f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass another "
+    if os.path.isfile(args.out):
+        raise CarbError(f"--out {args.out} is a file: pass a folder")
+    if args.resume and not os.path.isfile(last):
+        raise CarbError(f"--resume: {last} not found; drop --resume to start a new run")
+    if not args.resume and os.path.isfile(last):  # a new run would overwrite it at its first validation
+        raise CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass another "
                         "--out (or delete it) to start anew")
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True) if args.resume else None
@@ -909,12 +912,14 @@ def validate_model(model, scorer, loader, vis_dir=None, n=4):
 def format_table(columns, class_names):
     """Aligned per-class IoU table, columns = {title: iou tensor}; classes in no column are left out."""
     widths = [max(14, len(t) + 2) for t in columns]
-    cell = lambda v, n: f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"  # noqa: E731
     lines = [f"{'class':<15}" + "".join(f"{t:>{n}}" for t, n in zip(columns, widths))]
-    lines += [f"{name:<15}" + "".join(cell(c[i].item(), n) for c, n in zip(columns.values(), widths))
-              for i, name in enumerate(class_names) if not all(c[i].isnan() for c in columns.values())]
-    return "\n".join(lines + [f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(),
-                                                                                                   widths))])
+    for i, name in enumerate(class_names):
+        values = [c[i].item() for c in columns.values()]
+        if not all(math.isnan(v) for v in values):
+            lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
+                                                 for v, n in zip(values, widths)))
+    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
+    return "\n".join(lines)
 
 def colorize(mask, data="cityscapes"):
     """trainId mask [H,W] -> RGB uint8 [H,W,3] in the dataset's palette; void (255) black."""
