@@ -97,21 +97,15 @@ def load_clip(name_or_path, device):
     return (model.float() if str(device) == "cpu" else model).eval().requires_grad_(False)
 
 @torch.no_grad()
-def text_classifier(clip_model, class_names, cache_file=None):
+def text_classifier(clip_model, class_names):
     """[C, D] CLIP text embeddings: each name in the 85 templates, L2-normalized, averaged, re-normalized."""
-    cached = load_cache(cache_file) if cache_file else None
-    if isinstance(cached, torch.Tensor):
-        return cached
     import clip
     device = clip_model.token_embedding.weight.device
     rows = []
     for name in class_names:
         e = clip_model.encode_text(clip.tokenize([t.format(name) for t in TEMPLATES]).to(device)).float()
         rows.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=-1))
-    classifier = torch.stack(rows).cpu()
-    if cache_file:
-        atomic_save(classifier, cache_file)
-    return classifier
+    return torch.stack(rows).cpu()
 
 DENSE_CLIP = ["maskclip", "sclip", "clearclip", "naclip"]  # last-block variants of maskclip_scores
 
@@ -437,19 +431,18 @@ def check_pairs(images, gts):
 
 def image_level_labels(gt_paths, num_classes, cache_dir, image_paths=None, data="cityscapes"):
     """[N, C] uint8: the classes in each image, all that training takes from the GT masks (cached)."""
-    key = hashlib.sha1("\n".join(os.path.abspath(p) for p in gt_paths).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"image_labels_{key}.pt")
-    labels = load_cache(cache)
-    if isinstance(labels, torch.Tensor) and labels.shape == (len(gt_paths), num_classes):
+    key = hashlib.sha1(repr((data, [os.path.abspath(p) for p in gt_paths])).encode()).hexdigest()[:16]
+
+    def compute():
+        if image_paths is not None:
+            check_pairs(image_paths, gt_paths)
+        labels = torch.zeros(len(gt_paths), num_classes, dtype=torch.uint8)
+        for i, p in enumerate(tqdm(gt_paths, desc="image-level labels", leave=False)):
+            present = read_train_ids(p, data).unique().long()
+            labels[i, present[present < num_classes]] = 1
         return labels
-    if image_paths is not None:
-        check_pairs(image_paths, gt_paths)
-    labels = torch.zeros(len(gt_paths), num_classes, dtype=torch.uint8)
-    for i, p in enumerate(tqdm(gt_paths, desc="image-level labels", leave=False)):
-        present = read_train_ids(p, data).unique().long()
-        labels[i, present[present < num_classes]] = 1
-    atomic_save(labels, cache)
-    return labels
+
+    return cached(os.path.join(cache_dir, f"image_labels_{key}.pt"), gt_paths, compute, "image-level labels")
 
 def read_image_labels(path, image_paths, data="cityscapes"):
     """--image-labels: a JSON object {image id: [class names]} -> [N, C] uint8 for `image_paths`, in order."""
@@ -574,12 +567,25 @@ def atomic_save(obj, path):
         raise CarbError(f"cannot write {path} ({e.strerror or e}): free disk space, then run again (with --resume for "
                         f"a run); {path} was left as it was") from None
 
-def load_cache(path):
-    """A value cached in --cache-dir, or None where there is none or it is damaged (it is then recomputed)."""
+def cached(path, files, compute, what):
+    """compute(), kept at `path` in --cache-dir with the size and modification time of the `files` it reads: a
+    changed file (or a damaged cache) means it is computed again, and a changed file is named in one line. A file
+    removed since (the train masks, once their labels are cached) changes nothing."""
+    stats = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else None for f in files]
     try:
-        return torch.load(path, weights_only=True)
+        entry = torch.load(path, weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-        return None
+        entry = {}
+    old_stats = [tuple(s) for s in entry.get("stats", [])]
+    if len(old_stats) == len(stats) and all(new in (None, old) for old, new in zip(old_stats, stats)):
+        return entry["value"]
+    changed = [f for f, old, new in zip(files, old_stats, stats) if new not in (None, old)]
+    if changed:
+        tqdm.write(f"carb.py: {what}: {len(changed)} of the files changed since cached, the first {changed[0]}: "
+                   "computing them again")
+    value = compute()
+    atomic_save({"stats": stats, "value": value}, path)
+    return value
 
 @torch.no_grad()
 def precompute_global_masks(scorer, classifier, images, labels, args, device, rank=0, world=1):
@@ -589,8 +595,9 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
     inputs = ([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))
     key = hashlib.sha1(repr(inputs).encode() + labels.numpy().tobytes() + classifier.float().numpy().tobytes())
     key = key.hexdigest()[:16]
-    paths = [os.path.join(args.cache_dir, f"global_masks_{key}", f"{i:05d}_{image_id(p)}.png")
-             for i, p in enumerate(images)]
+    stats = [os.stat(p) for p in images]  # in the names: a changed image gets a new mask
+    paths = [os.path.join(args.cache_dir, f"global_masks_{key}", f"{i:05d}_{image_id(p)}_{s.st_size}_{s.st_mtime_ns}")
+             + ".png" for i, (p, s) in enumerate(zip(images, stats))]
     os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
     for i in tqdm(range(rank, len(images), world), desc="global pseudo-masks", leave=False, disable=rank > 0):
         if not os.path.isfile(paths[i]):  # a file that exists is complete
@@ -755,12 +762,14 @@ def main(args):
         start, best, miou = ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]
 
     def save(path, done):
+        nonlocal saved
         if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
             raise CarbError(f"the weights became non-finite by iteration {done}; {path} was not overwritten: "
                             "lower --lr")
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done,
                      "balancer": balancer.state_dict() if balancer else None, "miou": miou,
                      "best_miou": max(best, -1.0 if miou is None else miou), "args": vars(args)}, path)
+        saved = done if path == last else saved
 
     log = open_log(os.path.join(args.out, "log.csv"), start) if rank == 0 else open(os.devnull, "w")
     training_done = multiprocessing.Event()
@@ -789,6 +798,7 @@ def main(args):
         handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", disable=rank > 0)
     watch = Stopwatch(device, args.profile)
+    done = saved = start
     try:
         for it in bar:
             lr = poly_lr(it, args.iters, args.lr, args.min_lr)
@@ -804,8 +814,7 @@ def main(args):
             watch("CARB loss and balancer")
             if not math.isfinite(loss.item()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
-                raise CarbError(f"non-finite loss at iteration {it} ({terms}); {last} was not overwritten: "
-                                "lower --lr, or check the data")
+                raise CarbError(f"non-finite loss at iteration {it} ({terms}): lower --lr, or check the data")
             backward_and_step(loss, optimizer, watch)
             bar.set_postfix({k: f"{logs[k]:.3f}" for k in LOG_COLUMNS[2:-2] if k in logs} | {"lr": f"{lr:.2e}"})
             done, validate = it + 1, rank == 0 and ((it + 1) % args.val_every == 0 or it + 1 == args.iters)
@@ -827,6 +836,13 @@ def main(args):
                 if rank == 0 and not validate:
                     save(last, done)
                 raise Interrupted(stop[0], done, last)
+    except (CarbError, OSError) as e:  # found mid-run (a truncated image, a full disk): keep the finished iterations
+        if rank == 0 and done > saved:
+            try:
+                save(last, done)
+            except CarbError:  # non-finite weights, or the disk is full: last.pth stays as it was
+                pass
+        raise CarbError(f"{e}; {last} holds iteration {saved}: once fixed, continue with --resume") from None
     finally:
         training_done.set()
         for s, handler in handlers.items():
@@ -1066,7 +1082,9 @@ def build_scorer(args, device):
     names = DATASETS[args.data].clip_names
     key = hashlib.sha1(repr((os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model)
                              else args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]
-    classifier = text_classifier(clip_model, names, os.path.join(args.cache_dir, f"text_{key}.pt"))
+    clip_file = [args.clip_model] if os.path.isfile(args.clip_model) else []  # a name: clip.load checks its SHA256
+    classifier = cached(os.path.join(args.cache_dir, f"text_{key}.pt"), clip_file,
+                        lambda: text_classifier(clip_model, names), "text embeddings")
     on_device = classifier.to(device)  # once: a copy from pageable memory at every call would stall the GPU queue
     scorer = functools.partial(maskclip_scores, clip_model, text_classifier=on_device, variant=args.dense_clip)
     return scorer, classifier

@@ -248,11 +248,23 @@ def test_text_classifier_matches_hand_computed_prompt_ensemble(tiny_clip):
     assert not torch.allclose(classifier[0], classifier[1])
 
 
-def test_text_classifier_cache_is_used(tmp_path):
-    cache = tmp_path / "text.pt"
-    stored = torch.eye(3, 8)
-    torch.save(stored, cache)
-    assert torch.equal(carb.text_classifier(None, ["a", "b", "c"], str(cache)), stored)  # no model needed
+def test_cache_is_used_while_its_files_stay_and_recomputed_when_one_changes(tmp_path, capsys):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for f in files:
+        f.write_text("one")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.full((2,), float(len(calls)))
+
+    path = str(tmp_path / "cache.pt")
+    assert carb.cached(path, files, compute, "thing").tolist() == [1, 1]
+    assert carb.cached(path, files, compute, "thing").tolist() == [1, 1] and len(calls) == 1  # from the cache
+    files[1].write_text("other")  # same folder, same name, new contents
+    assert carb.cached(path, files, compute, "thing").tolist() == [2, 2]
+    assert capsys.readouterr().out.strip() == (f"carb.py: thing: 1 of the files changed since cached, the first "
+                                               f"{files[1]}: computing them again")
 
 
 def reference_maskclip(model, images, classifier):
@@ -1379,7 +1391,7 @@ def test_damaged_cache_is_recomputed(tree, tmp_path):
     (cache,) = (tmp_path / "cache").iterdir()
     truncate(cache)
     assert torch.equal(carb.image_level_labels(gts, C, str(tmp_path / "cache")), labels)
-    assert torch.equal(torch.load(cache, weights_only=True), labels)  # and rewritten whole
+    assert torch.equal(torch.load(cache, weights_only=True)["value"], labels)  # and rewritten whole
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(trained, tmp_path, capsys, monkeypatch):
@@ -2139,3 +2151,92 @@ def test_eval_dense_clip_gives_a_column_per_variant(trained, tmp_path):
     assert list(both) == ["pseudo-mask maskclip", "pseudo-mask maskclip x2 1x1", "pseudo-mask naclip",
                           "pseudo-mask naclip x2 1x1"]
     assert both["pseudo-mask maskclip"] == single["pseudo-mask"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 13: caches that follow their files, errors mid-run that keep the work
+# ---------------------------------------------------------------------------------------------------
+
+def test_image_level_labels_follow_a_label_file_changed_in_place(tree, tmp_path):
+    _, gts = carb.list_split(str(tree), "train")
+    assert carb.image_level_labels(gts, C, str(tmp_path / "cache"))[1].nonzero().flatten().tolist() == [0, 13]
+    Image.fromarray(np.full((64, 128), 21, np.uint8)).save(gts[1])  # now all vegetation (trainId 8)
+    assert carb.image_level_labels(gts, C, str(tmp_path / "cache"))[1].nonzero().flatten().tolist() == [8]
+
+
+def test_text_embeddings_follow_a_clip_file_changed_in_place(tmp_path, tiny_clip_path):
+    clip_file = tmp_path / "clip.pt"
+    shutil.copy(tiny_clip_path, clip_file)
+    args = argparse.Namespace(data="cityscapes", clip_model=str(clip_file), dense_clip="maskclip",
+                              cache_dir=str(tmp_path / "cache"))
+    _, before = carb.build_scorer(args, torch.device("cpu"))
+    state = torch.load(clip_file, weights_only=True)
+    state["text_projection"] = state["text_projection"].flip(1)  # other weights, same path
+    torch.save(state, clip_file)
+    _, after = carb.build_scorer(args, torch.device("cpu"))
+    expected = carb.text_classifier(carb.load_clip(str(clip_file), "cpu"), carb.DATASETS["cityscapes"].clip_names)
+    assert not torch.allclose(before, after) and torch.allclose(after, expected)
+
+
+def test_precomputed_mask_follows_an_image_changed_in_place(tree, tmp_path):
+    images, gts = carb.list_split(str(tree), "train")
+    labels = carb.image_level_labels(gts, C, str(tmp_path / "cache"))
+    sim = carb.SimulatedCLIP()
+    args = argparse.Namespace(base_size=(64, 128), clip_model="simulated", cache_dir=str(tmp_path / "cache"),
+                              dense_clip="maskclip")
+    before = carb.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
+    os.utime(images[0], ns=(0, 10 ** 9))  # touched: another modification time
+    after = carb.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
+    assert after[1] == before[1] and after[0] != before[0] and os.path.isfile(after[0])
+
+
+def test_a_truncated_image_found_mid_run_keeps_the_finished_iterations(tmp_path, capsys):
+    """Six train images, batch 2: the image at position 4 of epoch 0's permutation is first read at iteration 2. Made
+    truncated, the run stops there with a one-line error naming it and last.pth at iteration 2; fixed and resumed,
+    the run ends with the weights of an uninterrupted one."""
+    tree = write_tree(tmp_path / "cityscapes")
+    city = tree / "leftImg8bit" / "train" / "city"
+    for n in range(2, 6):  # six train images in all
+        shutil.copy(city / f"x_000000_00000{n % 2}_leftImg8bit.png", city / f"x_000000_00000{n}_leftImg8bit.png")
+        shutil.copy(tree / "gtFine" / "train" / "city" / f"x_000000_00000{n % 2}_gtFine_labelIds.png",
+                    tree / "gtFine" / "train" / "city" / f"x_000000_00000{n}_gtFine_labelIds.png")
+    images, _ = carb.list_split(str(tree), "train")
+    victim = images[torch.randperm(6, generator=torch.Generator().manual_seed(0 * 7919 + 0))[4].item()]
+
+    def argv(out, *extra):
+        return small_argv(tree, tmp_path, "--out", out, "--batch-size", 2, "--iters", 4, "--val-every", 4, *extra)
+
+    carb.run([str(a) for a in argv(tmp_path / "straight")])
+    capsys.readouterr()
+    good = pathlib.Path(victim).read_bytes()
+    truncate(pathlib.Path(victim))
+    code, err = run_carb(capsys, *argv(tmp_path / "broken"))
+    assert_one_line_error(code, err, victim, "truncated", tmp_path / "broken" / "last.pth", "iteration 2", "--resume")
+    assert torch.load(tmp_path / "broken" / "last.pth", weights_only=True)["iteration"] == 2
+    pathlib.Path(victim).write_bytes(good)
+    carb.run([str(a) for a in argv(tmp_path / "broken", "--resume")])
+    a = torch.load(tmp_path / "broken" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("file, data", [(np.dstack([np.full((64, 128), 7, np.uint8)] * 3), "cityscapes")])
+def test_a_three_channel_label_file_is_refused(file, data, tmp_path, capsys):
+    tree = write_tree(tmp_path / "cityscapes")
+    path = tree / "gtFine" / "train" / "city" / "x_000000_000000_gtFine_labelIds.png"
+    Image.fromarray(file).save(path)
+    code, err = run_carb(capsys, *small_argv(tree, tmp_path))
+    assert_one_line_error(code, err, path, "3 channels")
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_pillow_reads_images_as_torchvision_decodes_them(ext, mode, tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    path = tmp_path / f"image.{ext}"
+    (image.convert("RGB") if ext == "jpg" else image).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders: the reason carb uses Pillow
+        expected = torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)
+    assert torch.equal(carb.read_file(str(path)), expected)
