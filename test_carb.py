@@ -2240,3 +2240,65 @@ def test_pillow_reads_images_as_torchvision_decodes_them(ext, mode, tmp_path):
         warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders: the reason carb uses Pillow
         expected = torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)
     assert torch.equal(carb.read_file(str(path)), expected)
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--multiplier", 1, 0], "--multiplier: OFFSET must be above 0"),
+    (["--lr", 0], "--lr: 0 must be above 0"),
+    (["--lr", 0.001, "--min-lr", 0.01], "--min-lr 0.01 is above --lr 0.001"),
+    (["--region-weight", "heavy"], "--region-weight heavy"),
+    (["--region-weight", "-1"], "--region-weight -1"),
+    (["--crop", 8, 128], "--crop: 8 must be at least 16"),
+    (["--window", 48, 8], "--window: 8 must be at least 16"),
+    (["--val-every", 0], "--val-every: 0 must be at least 1"),
+])
+def test_each_argument_refusal_is_one_line(extra, culprit, tree, tmp_path, capsys):
+    code, err = run_carb(capsys, *small_argv(tree, tmp_path, *extra))
+    assert_one_line_error(code, err, culprit)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, culprits", [
+    (lambda argv, out: argv + ["--optimizer", "adamw"], ["--optimizer sgd", "not adamw"]),
+    (lambda argv, out: argv + ["--clip-model", "simulated"], ["--clip-model", "not simulated"]),
+    (lambda argv, out: argv[:argv.index("--iters")] + ["--iters", "3"] + argv[argv.index("--iters") + 2:],
+     ["is at iteration 4, beyond --iters 3"]),
+    (lambda argv, out: (torch.save(dict(torch.load(out / "last.pth", weights_only=True), model={}), out / "last.pth"),
+                        argv)[1], ["does not fit this run's model"]),
+])
+def test_each_resume_refusal_is_one_line(change, culprits, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    argv = change([str(a) for a in trained["argv"](out, 6, "--resume")], out)
+    before = snapshot(out)
+    code, err = run_carb(capsys, *argv)
+    assert_one_line_error(code, err, out / "last.pth", *culprits)
+    assert snapshot(out) == before
+
+
+def test_best_checkpoint_holds_the_best_validation_and_survives_a_resume(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    r = trained["train"](out, 8, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "log.csv") as f:
+        vals = {int(row["iteration"]) + 1: float(row["val_miou"]) for row in csv.DictReader(f) if row["val_miou"]}
+    assert sorted(vals) == [2, 4, 6, 8]  # 2 and 4 from before the resume
+    best_iter = max(vals, key=lambda i: (vals[i], -i))  # the first of the best
+    best, last = (torch.load(out / name, weights_only=True) for name in ("best.pth", "last.pth"))
+    assert best["iteration"] == best_iter and best["miou"] == pytest.approx(vals[best_iter])
+    assert last["best_miou"] == pytest.approx(max(vals.values())) and last["iteration"] == 8
+
+
+def test_photometric_distortion_stays_in_its_ranges_and_changes_pixels():
+    # a grey image has no saturation or hue to change: only brightness +U(-32, 32) and contrast xU(0.5, 1.5) act, so
+    # every pixel stays equal to the others and within [(128 - 32) * 0.5, (128 + 32) * 1.5] = [48, 240]
+    grey, changed = torch.full((3, 4, 6), 128.0), 0
+    for seed in range(40):
+        out = carb.photometric_distortion(grey.clone(), torch.Generator().manual_seed(seed))
+        assert (out == out.flatten()[0]).all() and 48 - 1e-3 <= out.min() and out.max() <= 240 + 1e-3
+        changed += not torch.equal(out, grey)
+    assert changed >= 30  # each of the two steps applies with probability 1/2 (the hue and saturation steps too)
+    colour = torch.tensor([200.0, 60.0, 30.0])[:, None, None].expand(3, 4, 6).clone()
+    outs = [carb.photometric_distortion(colour.clone(), torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(0 <= o.min() and o.max() <= 255 for o in outs) and any(not torch.equal(o, colour) for o in outs)
