@@ -842,6 +842,8 @@ def main(args):
                 save(last, done)
             except CarbError:  # non-finite weights, or the disk is full: last.pth stays as it was
                 pass
+        if not os.path.isfile(last):  # failed before any iteration could be kept
+            raise CarbError(f"{e}; nothing was saved") from None
         raise CarbError(f"{e}; {last} holds iteration {saved}: once fixed, continue with --resume") from None
     finally:
         training_done.set()
