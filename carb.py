@@ -46,8 +46,7 @@ class CarbError(Exception):
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # CLIP's input
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # the segmentation model's input
 
-# ---------------------------------------------------------------------------------------------------
-# 1. CLIP pseudo-masks (MaskCLIP)
+# 1. CLIP pseudo-masks (MaskCLIP) -------------------------------------------------------------------
 
 # CLIP's 80 ImageNet prompt templates plus the 5 scene templates MaskCLIP and CARB add.
 TEMPLATES = [
@@ -76,25 +75,18 @@ TEMPLATES = [
 ]
 
 def load_clip(name_or_path, device):
-    """clip.load by name (downloads to ~/.cache/clip), or a local file -- OpenAI's TorchScript .pt or a state dict --
-    read without unpickling any code. Frozen, in eval mode; float32 on a CPU, as clip.load."""
+    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt, or a state dict, which torch >= 2.6
+    loads without unpickling code): frozen, in eval mode; float32 on a CPU, float16 on a GPU."""
     with warnings.catch_warnings():  # clip imports pkg_resources, and torch.jit.load is deprecated: both warn
         warnings.simplefilter("ignore")
         import clip
-        try:
-            if not os.path.isfile(name_or_path):  # unknown names, offline downloads: RuntimeError, URLError (OSError)
-                return clip.load(name_or_path, device=device, jit=False)[0].eval().requires_grad_(False)
-            try:
-                state = torch.jit.load(name_or_path, map_location="cpu").state_dict()
-            except RuntimeError:  # not TorchScript: a state dict
-                state = torch.load(name_or_path, map_location="cpu", weights_only=True)
-            model = clip.model.build_model(state).to(device)  # as clip.load(jit=False) does
+        try:  # unknown names, offline downloads: RuntimeError, URLError (an OSError); bad files: the others
+            return clip.load(name_or_path, device=device, jit=False)[0].eval().requires_grad_(False)
         except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
                 pickle.UnpicklingError) as e:
             raise CarbError(f"--clip-model {name_or_path}: cannot load it ({type(e).__name__}: {str(e)[:80]}); pass "
                             f"one of {clip.available_models()}, or (offline) pass its path: OpenAI's .pt file "
                             "(e.g. ~/.cache/clip/ViT-B-16.pt) or a CLIP state dict") from None
-    return (model.float() if str(device) == "cpu" else model).eval().requires_grad_(False)
 
 @torch.no_grad()
 def text_classifier(clip_model, class_names):
@@ -171,8 +163,7 @@ def pseudo_mask(scores, image_labels, size):
     mask[image_labels.sum(1) == 0] = 255
     return mask
 
-# ---------------------------------------------------------------------------------------------------
-# 2. Global-Local View Training
+# 2. Global-Local View Training ---------------------------------------------------------------------
 
 def sample_window(crop, window, rate, offset, g):
     """One window per batch, placed uniformly inside the crop, and its CLIP multiplier m = rate * U[0,1) + offset.
@@ -191,8 +182,7 @@ def local_pseudo_mask(scorer, clip_images, image_labels, window):
     patch = F.interpolate(patch, size=(int(h * m), int(w * m)), mode="bilinear", align_corners=False)
     return pseudo_mask(scorer(patch), image_labels, (h, w))
 
-# ---------------------------------------------------------------------------------------------------
-# 3. Model: torchvision DeepLabV3, classified by CLIP's text embeddings
+# 3. Model: torchvision DeepLabV3, classified by CLIP's text embeddings -----------------------------
 
 BACKBONES = {  # name: (torchvision builder, its backbone's weights enum); the appendix adds the synthetic one
     "resnet50": (torchvision.models.segmentation.deeplabv3_resnet50, torchvision.models.ResNet50_Weights),
@@ -226,8 +216,7 @@ class Segmenter(nn.Module):
         logits = torch.einsum("bdhw,cd->bchw", embedding, self.text_classifier.to(embedding.dtype))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
-# ---------------------------------------------------------------------------------------------------
-# 4. CARB loss: Consistency-Aware Region Balancing. Self-contained: copy this block; it needs only torch.
+# 4. CARB loss: Consistency-Aware Region Balancing. Self-contained: copy this block; it needs only torch. ---
 
 def masked_cross_entropy(logits, target, region=None, ignore_index=255):
     """Mean cross-entropy over the pixels of `region` (default: all non-ignored); 0, never NaN, if it is empty."""
@@ -283,8 +272,7 @@ class RegionBalancer:
 
 # ---------------------------------------------------------------------------------------------------- end of block
 
-# ---------------------------------------------------------------------------------------------------
-# 5. One training step
+# 5. One training step ------------------------------------------------------------------------------
 
 def train_one_step(model, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
     """One CARB iteration's forward pass and loss; returns (loss, the terms to log). `region_weight` is a
@@ -340,7 +328,9 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device,
 
 
 # ===================================================================================================
-# The experiment. 6. Data: Cityscapes, CamVid, WildDash2; image-level labels only
+# The experiment, after the method.
+
+# 6. Data: Cityscapes, CamVid, WildDash2; image-level labels only -----------------------------------
 
 # The 19 evaluation classes and the labelId -> trainId map, from the table torchvision ships.
 CITYSCAPES = [c for c in torchvision.datasets.Cityscapes.classes if not c.ignore_in_eval]
@@ -550,7 +540,8 @@ class EvalSet(torch.utils.data.Dataset):
         return read_file(self.images[i]), read_train_ids(self.gts[i], self.data)
 
 # ---------------------------------------------------------------------------------------------------
-# 7. The training loop
+
+# 7. The training loop ------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
     """torch.save to PATH.tmp, flushed to disk, renamed over `path`: `path` is always whole, even on a full disk."""
@@ -568,21 +559,19 @@ def atomic_save(obj, path):
                         f"a run); {path} was left as it was") from None
 
 def cached(path, files, compute, what):
-    """compute(), kept at `path` in --cache-dir with the size and modification time of the `files` it reads: a
-    changed file (or a damaged cache) means it is computed again, and a changed file is named in one line. A file
-    removed since (the train masks, once their labels are cached) changes nothing."""
+    """compute(), kept at `path` with the (size, mtime) of the `files` it reads: a changed file (named in one line)
+    or a damaged cache means computing it again; a file removed since (a train mask) changes nothing."""
     stats = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else None for f in files]
     try:
         entry = torch.load(path, weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-        entry = {}
-    old_stats = [tuple(s) for s in entry.get("stats", [])]
-    if len(old_stats) == len(stats) and all(new in (None, old) for old, new in zip(old_stats, stats)):
-        return entry["value"]
-    changed = [f for f, old, new in zip(files, old_stats, stats) if new not in (None, old)]
-    if changed:
-        tqdm.write(f"carb.py: {what}: {len(changed)} of the files changed since cached, the first {changed[0]}: "
-                   "computing them again")
+        changed = [f for f, old, new in zip(files, entry["stats"], stats) if new not in (None, tuple(old))]
+        if len(entry["stats"]) == len(stats) and not changed:
+            return entry["value"]
+        if changed:
+            tqdm.write(f"carb.py: {what}: {len(changed)} of the files changed since cached, the first {changed[0]}: "
+                       "computing them again")
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
+        pass
     value = compute()
     atomic_save({"stats": stats, "value": value}, path)
     return value
@@ -592,13 +581,13 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
     """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
     the base size, as a PNG that WeakTrainSet augments with its image; each rank writes every world-th one."""
     model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
-    inputs = ([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))
-    key = hashlib.sha1(repr(inputs).encode() + labels.numpy().tobytes() + classifier.float().numpy().tobytes())
-    key = key.hexdigest()[:16]
+    inputs = repr(([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))).encode()
+    key = hashlib.sha1(inputs + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
+    folder = os.path.join(args.cache_dir, f"global_masks_{key}")
+    os.makedirs(folder, exist_ok=True)
     stats = [os.stat(p) for p in images]  # in the names: a changed image gets a new mask
-    paths = [os.path.join(args.cache_dir, f"global_masks_{key}", f"{i:05d}_{image_id(p)}_{s.st_size}_{s.st_mtime_ns}")
-             + ".png" for i, (p, s) in enumerate(zip(images, stats))]
-    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    paths = [os.path.join(folder, f"{i:05d}_{image_id(p)}_{s.st_size}_{s.st_mtime_ns}.png")
+             for i, (p, s) in enumerate(zip(images, stats))]
     for i in tqdm(range(rank, len(images), world), desc="global pseudo-masks", leave=False, disable=rank > 0):
         if not os.path.isfile(paths[i]):  # a file that exists is complete
             img = read_file(images[i])
@@ -611,7 +600,7 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
     return paths
 
 class Stopwatch:
-    """--profile: `watch(phase)` charges the time since the last call to `phase` (CUDA synchronized); else nothing."""
+    """--profile: `watch(phase)` charges the time since its last call to `phase` (CUDA synchronized); else nothing."""
     STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
             "optimizer"]
 
@@ -713,7 +702,7 @@ def resume_checkpoint(args, last):
     return ckpt
 
 def main(args):
-    """Train with `args` (parse_args); print and return the val IoUs of the pseudo-masks and of the model."""
+    """Train with `args` (parse_args); then eval.py's table of CLIP's pseudo-masks and the model on val, returned."""
     last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
     ckpt = resume_checkpoint(args, last)
     # torchrun: one process per GPU (gloo processes on a CPU); rank 0 alone writes files and prints
@@ -725,28 +714,28 @@ def main(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         rank, world = dist.get_rank(), dist.get_world_size()
-        if rank > 0:  # rank 0 writes the synthetic data and the caches first
-            dist.barrier()
+    barrier = dist.barrier if ddp else lambda: None
+    if rank > 0:  # rank 0 writes the synthetic data and the caches first
+        barrier()
     torch.manual_seed(args.seed)
     if args.data == "synthetic":
         make_synthetic(args.data_root, size=DEFAULTS["synthetic"]["base_size"], **SYNTHETIC_SIZES)
-    num_classes = len(DATASETS[args.data].classes)
     train_images, train_gts = list_split(args.data_root, "train", args.data)
     if args.image_labels:  # given: no train mask is ever opened
         image_labels = read_image_labels(args.image_labels, train_images, args.data)
     else:  # the only use of the train GT
+        num_classes = len(DATASETS[args.data].classes)
         image_labels = image_level_labels(train_gts, num_classes, args.cache_dir, train_images, args.data)
     val_set = EvalSet(*list_split(args.data_root, "val", args.data), args.data)
     check_pairs(val_set.images, val_set.gts)  # now, not at the first validation
     scorer, classifier = build_scorer(args, device)
-    if ddp and rank == 0:  # the data and caches are written: the other ranks can read them
-        dist.barrier()
+    if rank == 0:  # the data and caches are written: the other ranks can read them
+        barrier()
     global_masks = None
     if args.global_masks == "precompute":
         global_masks = precompute_global_masks(scorer, classifier, train_images, image_labels, args, device, rank,
                                                world)
-        if ddp:  # every rank's share is written
-            dist.barrier()
+        barrier()  # every rank's share is written
     model, optimizer, region_weight = make_model(args, classifier, device, ddp)
     balancer = region_weight if isinstance(region_weight, RegionBalancer) else None
     start, best, miou = 0, -1.0, None
@@ -773,18 +762,18 @@ def main(args):
 
     log = open_log(os.path.join(args.out, "log.csv"), start) if rank == 0 else open(os.devnull, "w")
     training_done = multiprocessing.Event()
-    worker_init = functools.partial(worker_signals, training_done)
+    loader = functools.partial(torch.utils.data.DataLoader, num_workers=args.workers,
+                               worker_init_fn=functools.partial(worker_signals, training_done))
     train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
                              args.photometric, global_masks)
     sampler = InfiniteSampler(len(train_set), args.seed, start * args.batch_size * world, rank, world, args.batch_size)
-    batches = iter(torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0, worker_init_fn=worker_init))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=args.workers,
-                                             worker_init_fn=worker_init)
+    batches = iter(loader(train_set, batch_size=args.batch_size, sampler=sampler, pin_memory=device.type == "cuda",
+                          persistent_workers=args.workers > 0))
+    val_loader = loader(val_set, batch_size=1)
     # torchrun: gradients averaged over the ranks in backward, so every rank takes the same step
-    ddp_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
-        if ddp else model
+    ddp_model = model
+    if ddp:
+        ddp_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
     # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
     # except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
     stop, handlers = [], {}
@@ -855,19 +844,13 @@ def main(args):
         return None
     if args.profile:
         print(watch.table(args.iters - start))
-    # The paper's two numbers on the val split: CLIP's pseudo-masks and the trained model.
-    pseudo_iou = evaluate(functools.partial(clip_pseudo_mask, scorer, num_classes=num_classes), val_loader,
-                          num_classes, device)
-    model_iou = validate_model(model, scorer, val_loader)
-    print(format_table({"pseudo-mask": pseudo_iou, "model": model_iou}, DATASETS[args.data].classes))
-    if args.data == "synthetic":
-        print("(synthetic stand-in data and a simulated CLIP: these are not Cityscapes results)")
-    print(f"pseudo-mask mIoU: {mean_iou(pseudo_iou):.2f}")
-    print(f"model mIoU: {mean_iou(model_iou):.2f}")
-    return pseudo_iou, model_iou
+    # The paper's two numbers on the val split, CLIP's pseudo-masks and the model: eval.py's table of last.pth
+    evaluation = judge()
+    flags = ["--data", args.data, "--data-root", args.data_root, "--ckpt", last, "--clip", "--device", device,
+             "--clip-model", args.clip_model, "--cache-dir", args.cache_dir, "--workers", args.workers]
+    return evaluation.main(evaluation.get_args_parser().parse_args([str(f) for f in flags]))
 
-# ---------------------------------------------------------------------------------------------------
-# 8. Validation and pictures
+# 8. Validation and pictures ------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(model, images):
@@ -927,18 +910,6 @@ def validate_model(model, scorer, loader, vis_dir=None, n=4):
     model.train()
     return iou
 
-def format_table(columns, class_names):
-    """Aligned per-class IoU table, columns = {title: iou tensor}; classes in no column are left out."""
-    widths = [max(14, len(t) + 2) for t in columns]
-    lines = [f"{'class':<15}" + "".join(f"{t:>{n}}" for t, n in zip(columns, widths))]
-    for i, name in enumerate(class_names):
-        values = [c[i].item() for c in columns.values()]
-        if not all(math.isnan(v) for v in values):
-            lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
-                                                 for v, n in zip(values, widths)))
-    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
-    return "\n".join(lines)
-
 def colorize(mask, data="cityscapes"):
     """trainId mask [H,W] -> RGB uint8 [H,W,3] in the dataset's palette; void (255) black."""
     palette = torch.zeros(256, 3, dtype=torch.uint8)
@@ -965,8 +936,7 @@ def vis_strip(image, masks, data="cityscapes", title_h=16, legend_w=112, max_w=1
         draw.text((x + 17, y + 2), classes[c], fill="black")
     return strip
 
-# ---------------------------------------------------------------------------------------------------
-# 9. The command line
+# 9. The command line -------------------------------------------------------------------------------
 
 # Per-dataset defaults. Cityscapes, CamVid, WildDash2: the official configs/carb/*_carb_dual.py (2 GPUs x 4 images
 # there; batch 8 on one GPU here). Synthetic: small enough to train on 2 CPU cores in a few minutes.
@@ -987,8 +957,6 @@ DEFAULTS = {
                       backbone_weights="none", clip_model="simulated", val_every=200, workers=1, photometric=False),
 }
 SYNTHETIC_SIZES = dict(n_train=300, n_val=40)
-# --benchmark (eval.py): the Cityscapes networks at a quarter of the official crop (and window), batch 2.
-BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="resnet50", optimizer="sgd", lr=0.005)
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a bad flag is one line and exit code 2, as every other bad input
@@ -1050,7 +1018,7 @@ def get_args_parser():
 def parse_args(argv=None):
     """The command line, with --data's defaults for what it leaves out; the refusals that need no file."""
     args = get_args_parser().parse_args(argv)
-    for key, value in (DEFAULTS[args.data] | (BENCHMARK if args.benchmark else {})).items():
+    for key, value in (DEFAULTS[args.data] | (judge().BENCHMARK if args.benchmark else {})).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     lo, hi = args.scale_range
@@ -1082,8 +1050,8 @@ def build_scorer(args, device):
         return sim, sim.text_classifier.cpu()
     clip_model = load_clip(args.clip_model, device)
     names = DATASETS[args.data].clip_names
-    key = hashlib.sha1(repr((os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model)
-                             else args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]
+    model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
+    key = hashlib.sha1(repr((model, names, TEMPLATES)).encode()).hexdigest()[:16]
     clip_file = [args.clip_model] if os.path.isfile(args.clip_model) else []  # a name: clip.load checks its SHA256
     classifier = cached(os.path.join(args.cache_dir, f"text_{key}.pt"), clip_file,
                         lambda: text_classifier(clip_model, names), "text embeddings")
@@ -1091,16 +1059,20 @@ def build_scorer(args, device):
     scorer = functools.partial(maskclip_scores, clip_model, text_classifier=on_device, variant=args.dense_clip)
     return scorer, classifier
 
+def judge():
+    """eval.py, where the judging lives: the final table, --benchmark, --ablation. Its `import carb` is this module."""
+    sys.modules.setdefault("carb", sys.modules[__name__])
+    import eval
+    return eval
+
 def run(argv=None):
     """The command line: bad input is one line on stderr and exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""
     script = sys.argv[0] if argv is None else "carb.py"
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         args = parse_args(argv)
-        if args.ablation or args.benchmark:  # experiments about carb, which live in eval.py beside the other judges
-            sys.modules.setdefault("carb", sys.modules[__name__])  # run as a script: eval.py's `import carb` is this
-            import eval as evaluation
-            return evaluation.ablation(argv) if args.ablation else evaluation.benchmark(args)
+        if args.ablation or args.benchmark:  # experiments about carb, in eval.py beside the other judges
+            return judge().ablation(argv) if args.ablation else judge().benchmark(args)
         return main(args)
     except CarbError as e:
         message, code = f"carb.py: error: {e}", 2

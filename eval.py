@@ -266,6 +266,19 @@ def summarize(conf, class_names):
                         for c, name in enumerate(class_names)}}
 
 
+def format_table(columns, class_names):
+    """Aligned per-class IoU table, columns = {title: iou tensor}; classes in no column are left out."""
+    widths = [max(14, len(t) + 2) for t in columns]
+    lines = [f"{'class':<15}" + "".join(f"{t:>{n}}" for t, n in zip(columns, widths))]
+    for i, name in enumerate(class_names):
+        values = [c[i].item() for c in columns.values()]
+        if not all(math.isnan(v) for v in values):
+            lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
+                                                 for v, n in zip(values, widths)))
+    lines.append(f"{'mIoU':<15}" + "".join(f"{carb.mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
+    return "\n".join(lines)
+
+
 # The paper's component ablation (its Table 3), each variant a flag combination of the normal command line.
 ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"]),
             ("(b) + Global-Local View", ["--carb-start", "ITERS"]),
@@ -274,6 +287,8 @@ ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"
             ("(e) (d), fixed w = 0.03", ["--region-weight", "0.03"])]
 ABLATION_SEEDS = (0, 1, 2)
 ABLATION_ITERS = {"synthetic": 150}  # per run, so that 5 variants x 3 seeds fit in 20 minutes on 2 CPU cores
+# --benchmark: the Cityscapes networks at a quarter of the official crop (and window), batch 2.
+BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="resnet50", optimizer="sgd", lr=0.005)
 
 
 def ablation(argv):
@@ -289,10 +304,11 @@ def ablation(argv):
         out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
         print(f"\n=== ablation {name}: carb.py {shlex.join(flags)} --out {out}", flush=True)
         run_argv = [a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every", str(iters)]
-        pseudo, model = carb.main(carb.parse_args(run_argv + ["--carb-start", str(carb_start), *flags, "--out", out]))
-        results[name, seed] = [carb.mean_iou(model)] + [100 * model[c].item() for c in small]
+        table = carb.main(carb.parse_args(run_argv + ["--carb-start", str(carb_start), *flags, "--out", out]))
+        ious = [table["model"]["classes"][names[c]]["iou"] for c in small]
+        results[name, seed] = [table["model"]["miou"]] + [math.nan if v is None else v for v in ious]
     print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU "
-          f"{carb.mean_iou(pseudo):.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
+          f"{table['pseudo-mask']['miou']:.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
     print(f"{'':<26}" + "".join(f"{c:>20}" for c in ["mIoU"] + [f"IoU {names[c]}" for c in small]))
     for name, _ in ABLATION:
         runs = torch.tensor([results[name, s] for s in ABLATION_SEEDS])
@@ -406,7 +422,7 @@ def main(args):
     results = None
     if gts is not None:
         results = {title: summarize(c, ds.classes) for title, c in conf.items()}
-        print(carb.format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, ds.classes))
+        print(format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, ds.classes))
         if args.data == "synthetic":
             print("(synthetic stand-in data: these are not Cityscapes results)")
         if "model TTA" in views:

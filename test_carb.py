@@ -1527,7 +1527,9 @@ def test_ablation_runs_each_variant_through_the_normal_cli(given, iters, carb_st
         i = "abcde".index(variant)
         model = torch.full((C,), (10 * (i + 1) + (i + 1) * seed + 0.3) / 100)
         model[[5, 6, 7]] = torch.tensor([0.2 + 0.01 * seed, 0.05 * (i + 1) + 0.02 * seed, 0.5 - 0.03 * seed])
-        return torch.full((C,), 0.4321), model  # (pseudo-mask IoUs, model IoUs)
+        table = {"pseudo-mask": {"miou": 43.21}, "model": {"miou": 100 * model.mean().item()}}  # as eval.main's
+        table["model"]["classes"] = {name: {"iou": 100 * model[c].item()} for c, name in enumerate(carb.CLASS_NAMES)}
+        return table
 
     monkeypatch.setattr(carb, "main", fake_main)
     argv = [str(a) for a in given + ["--out", out, "--device", "cpu", "--ablation"]]
