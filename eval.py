@@ -13,7 +13,9 @@
 classes with neither GT nor predicted pixels are left out of the mean, as in the official Cityscapes evaluation.
 """
 import argparse
+import collections
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -22,6 +24,7 @@ import pickle
 import re
 import shlex
 import sys
+import time
 import warnings
 from glob import glob
 
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageColor, ImageDraw
 from tqdm import tqdm
 
 import carb
@@ -90,11 +93,70 @@ def check_args(args, has_gt):
         raise carb.CarbError("--clip-tiles must be at least 1, --clip-scale and --scales positive")
 
 
-class Frames(carb.EvalSet):
-    """carb's EvalSet, also without ground truth (the test split, --images): then the mask is None."""
+class EvalSet(torch.utils.data.Dataset):
+    """Images at full resolution with their trainId masks (image uint8 [3,H,W], mask uint8 [H,W]); gts None: no masks
+    (the test split, --images), and the mask is None."""
+
+    def __init__(self, images, gts, data="cityscapes"):
+        self.images, self.gts, self.data = images, gts, data
+
+    def __len__(self):
+        return len(self.images)
 
     def __getitem__(self, i):
-        return super().__getitem__(i) if self.gts else (carb.read_file(self.images[i]), None)
+        image = carb.read_file(self.images[i])
+        return image, carb.read_train_ids(self.gts[i], self.data) if self.gts else None
+
+
+@torch.no_grad()
+def predict(model, images):
+    """uint8 images [B,3,H,W] -> trainIds [B,H,W]: the whole image at full resolution, as the official test config."""
+    x = TF.normalize(images.float() / 255, carb.IMAGENET_MEAN, carb.IMAGENET_STD)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return model(x).argmax(1)
+
+
+def present_classes(gt, num_classes):
+    """trainId mask [H,W] -> [C] float, 1 for each class in it: the image-level labels of one image."""
+    return (torch.bincount(gt[gt != 255].long(), minlength=num_classes)[:num_classes] > 0).float()
+
+
+def clip_pseudo_mask(scorer, images, gts, num_classes):
+    """CLIP's global pseudo-masks of uint8 images [B,3,H,W], restricted to the classes in their GT masks [B,H,W]."""
+    labels = torch.stack([present_classes(g, num_classes) for g in gts])
+    x = TF.normalize(images.float() / 255, carb.CLIP_MEAN, carb.CLIP_STD)
+    return carb.pseudo_mask(scorer(x), labels, gts.shape[-2:])
+
+
+def confusion_matrix(pred, gt, num_classes):
+    """[C, C+1] counts, rows = GT (255 skipped), columns = prediction; the last column, void predictions (>= C), is a
+    miss for the GT class and a false positive for none, as in the official Cityscapes evaluation."""
+    keep = gt != 255
+    idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
+    return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
+
+
+def iou_from_confusion(conf):
+    """Per-class IoU = tp / (tp + fp + fn) of a confusion matrix; NaN for a class neither in GT nor predicted."""
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf[:, :len(tp)].sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def mean_iou(iou):
+    """Mean over the classes that occur (NaN entries left out), in percent."""
+    return 100 * iou[~iou.isnan()].mean().item()
+
+
+@torch.no_grad()
+def evaluate(predict_fn, loader, num_classes, device):
+    """Per-class IoU over a split of (image, GT) pairs, predict_fn(images, gts) -> trainIds: one confusion matrix."""
+    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
+    for images, gts in tqdm(loader, desc="val", leave=False):
+        images, gts = images.to(device), gts.to(device)
+        conf += confusion_matrix(predict_fn(images, gts), gts, num_classes)
+    return iou_from_confusion(conf)
 
 
 def list_images(folder):
@@ -243,23 +305,109 @@ def clip_view(scorer, image, labels, scale, tiles):
     return mask
 
 
+# The pictures' colours: Cityscapes' own; CamVid's SegNet palette and WildDash2's, as the official code draws them.
+PALETTES = {"cityscapes": [c.color for c in carb.CITYSCAPES], "synthetic": [c.color for c in carb.CITYSCAPES],
+            "camvid": [ImageColor.getrgb("#" + c) for c in "808080 800000 c0c080 804080 0000c0 808000 c08080 404080 "
+                                                         "400080 404000 0080c0".split()],
+            "wilddash2": [ImageColor.getrgb("#" + c) for c in "001432 804080 f423e8 464646 66669c be9999 b4a5b4 "
+                          "999999 faaa1e dcdc00 6b8e23 98fb98 4682b4 dc143c ff0000 00008e 000046 003c64 0000e6 770b20 "
+                          "280064 002878 ae4043 d2aa64 c4b080".split()]}
+
+
+def colorize(mask, data="cityscapes"):
+    """trainId mask [H,W] -> RGB uint8 [H,W,3] in the dataset's palette; void (255) black."""
+    palette = torch.zeros(256, 3, dtype=torch.uint8)
+    palette[:len(PALETTES[data])] = torch.tensor(PALETTES[data], dtype=torch.uint8)
+    return palette[mask.cpu().long()]
+
+
+def vis_strip(image, masks, data="cityscapes", title_h=16, legend_w=112, max_w=1024):
+    """The image (uint8 [3,H,W]) and the masks ({title: [H,W]}) side by side, titled, then a legend of the classes."""
+    H, W = image.shape[-2:]
+    w, h = min(W, max_w), round(H * min(W, max_w) / W)
+    panels = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((w, h), Image.BILINEAR)]
+    panels += [Image.fromarray(colorize(m, data).numpy()).resize((w, h), Image.NEAREST) for m in masks.values()]
+    classes, palette = carb.DATASETS[data].classes, PALETTES[data]
+    present = sorted({c for m in masks.values() for c in m.unique().tolist() if c < len(classes)})
+    per_row = max(1, len(panels) * w // legend_w)
+    strip = Image.new("RGB", (len(panels) * w, title_h * (1 + math.ceil(len(present) / per_row)) + h), "white")
+    draw = ImageDraw.Draw(strip)  # PIL's default font: no font file to ship
+    for k, (title, panel) in enumerate(zip(["image", *masks], panels)):
+        strip.paste(panel, (k * w, title_h))
+        draw.text((k * w + 3, 2), title, fill="black")
+    for n, c in enumerate(present):
+        x, y = n % per_row * legend_w, title_h + h + n // per_row * title_h
+        draw.rectangle((x + 3, y + 3, x + 13, y + 13), fill=palette[c], outline="black")
+        draw.text((x + 17, y + 2), classes[c], fill="black")
+    return strip
+
+
+class Stopwatch:
+    """carb.py --profile, --benchmark: `watch(phase)` charges the time since its last call to `phase` (CUDA synced)."""
+    STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
+            "optimizer"]
+
+    def __init__(self, device):
+        self.device, self.totals, self.last = device, collections.Counter(), time.perf_counter()
+
+    def __call__(self, phase):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[phase] += time.perf_counter() - self.last
+        self.last = time.perf_counter()
+
+
+def profile_table(totals, steps):
+    """Stopwatch's totals as a table: seconds, ms per step and share of the step, per phase."""
+    step = sum(totals[p] for p in Stopwatch.STEP)
+    lines = [f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"]
+    for phase, t in [(p, totals[p]) for p in Stopwatch.STEP] + [("step", step)]:
+        lines.append(f"{phase:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}")
+    lines.append(f"{'(between steps: val, checkpoints)':<34}{sum(totals.values()) - step:>10.2f}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def precompute_global_masks(scorer, classifier, images, labels, args, device, rank=0, world=1):
+    """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
+    the base size, as a PNG that WeakTrainSet augments with its image; each rank writes every world-th one."""
+    model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
+    inputs = repr(([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))).encode()
+    key = hashlib.sha1(inputs + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
+    folder = os.path.join(args.cache_dir, f"global_masks_{key}")
+    os.makedirs(folder, exist_ok=True)
+    stats = [os.stat(p) for p in images]  # in the names: a changed image gets a new mask
+    paths = [os.path.join(folder, f"{i:05d}_{carb.image_id(p)}_{s.st_size}_{s.st_mtime_ns}.png")
+             for i, (p, s) in enumerate(zip(images, stats))]
+    for i in tqdm(range(rank, len(images), world), desc="global pseudo-masks", leave=False, disable=rank > 0):
+        if not os.path.isfile(paths[i]):  # a file that exists is complete
+            img = carb.read_file(images[i])
+            s = min(max(args.base_size) / max(img.shape[-2:]), min(args.base_size) / min(img.shape[-2:]))
+            size = [max(1, round(img.shape[1] * s)), max(1, round(img.shape[2] * s))]  # WeakTrainSet's, at ratio 1
+            x = TF.normalize(TF.resize(img, size, antialias=True)[None].to(device) / 255, carb.CLIP_MEAN, carb.CLIP_STD)
+            mask = carb.pseudo_mask(scorer(x), labels[i:i + 1].to(device), size)[0]
+            Image.fromarray(mask.byte().cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
+            os.replace(paths[i] + ".tmp", paths[i])
+    return paths
+
+
 def save_prediction(mask, image_id, out_dir, formats, data):
     """trainIds [H,W] -> OUT/ID_trainIds.png, ID_labelIds.png (Cityscapes; void -> 0 "unlabeled") and/or
     ID_color.png."""
     mask = mask.cpu()
     for fmt in formats:
         pixels = {"trainid": mask.to(torch.uint8), "labelid": carb.TRAIN_TO_LABEL[mask.long()],
-                  "color": carb.colorize(mask, data)}[fmt]
+                  "color": colorize(mask, data)}[fmt]
         Image.fromarray(pixels.numpy()).save(os.path.join(out_dir, f"{image_id}_{SUFFIX[fmt]}.png"))
 
 
 def summarize(conf, class_names):
     """Per-class IoU, mIoU and pixel accuracy (in percent, None where undefined) and the pixel counts behind them,
     of one [C, C+1] confusion matrix (GT-ignored pixels are not in it)."""
-    iou, conf = carb.iou_from_confusion(conf), conf.cpu()
+    iou, conf = iou_from_confusion(conf), conf.cpu()
     tp, labelled = conf.diagonal(), conf.sum().item()
     number = lambda v: None if math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
-    return {"miou": number(carb.mean_iou(iou)), "pixel_accuracy": 100 * tp.sum().item() / max(labelled, 1),
+    return {"miou": number(mean_iou(iou)), "pixel_accuracy": 100 * tp.sum().item() / max(labelled, 1),
             "labelled_pixels": labelled,
             "classes": {name: {"iou": number(100 * iou[c].item()), "gt_pixels": conf[c].sum().item(),
                                "predicted_pixels": conf[:, c].sum().item(), "true_positives": tp[c].item()}
@@ -275,7 +423,7 @@ def format_table(columns, class_names):
         if not all(math.isnan(v) for v in values):
             lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
                                                  for v, n in zip(values, widths)))
-    lines.append(f"{'mIoU':<15}" + "".join(f"{carb.mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
+    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
     return "\n".join(lines)
 
 
@@ -332,7 +480,7 @@ def benchmark(args, steps=3):
     model, optimizer, balancer = carb.make_model(args, classifier, device)
     batch = (torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), (torch.rand(B, C) < 0.5).float(),
              torch.tensor([[H, W]] * B))
-    watch = carb.Stopwatch(device, True)
+    watch = Stopwatch(device)
     for step in tqdm(range(steps + 1), desc="benchmark", leave=False):
         window = carb.sample_window(args.crop, args.window, *args.multiplier, torch.Generator().manual_seed(step))
         if step == 1:  # the first step warms up
@@ -343,9 +491,9 @@ def benchmark(args, steps=3):
     print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}; crop {H}x{W}, batch {B}, window "
           f"{window[2]}x{window[3]}; {steps} steps after a warm-up step")
-    print(watch.table(steps))
+    print(profile_table(watch.totals, steps))
     t = watch.totals
-    step = sum(t[p] for p in carb.Stopwatch.STEP)
+    step = sum(t[p] for p in Stopwatch.STEP)
     unavoidable = t["CLIP global"] + t["CLIP local"] + t["segmentation forward+backward"] + t["optimizer"]
     print(f"step/unavoidable: {step / unavoidable:.2f}")
     print(f"carb share: {100 * t['CARB loss and balancer'] / step:.1f}%")
@@ -392,7 +540,7 @@ def main(args):
                 views[f"{name} x{args.clip_scale:g} {args.clip_tiles}x{args.clip_tiles}"] = \
                     lambda image, labels, i, view=view: clip_view(view, image, labels, args.clip_scale, args.clip_tiles)
     if model is not None:
-        views["model"] = lambda image, labels, i: carb.predict(model, image[None])[0]
+        views["model"] = lambda image, labels, i: predict(model, image[None])[0]
         if args.flip or args.scales != [1.0]:  # reported beside the single-scale number, never instead of it
             views["model TTA"] = lambda image, labels, i: predict_tta(model, image[None], args.scales, args.flip)[0]
     if args.pred_dir:
@@ -405,24 +553,24 @@ def main(args):
             os.makedirs(folder, exist_ok=True)
 
     conf = {title: torch.zeros(C, C + 1, dtype=torch.long, device=device) for title in views}
-    loader = torch.utils.data.DataLoader(Frames(images, gts, args.data), batch_size=None, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(EvalSet(images, gts, args.data), batch_size=None, num_workers=args.workers)
     for i, (image, gt) in enumerate(tqdm(loader, desc="images" if args.images else args.split)):
         image = image.to(device)
         gt = None if gt is None else gt.to(device)
-        labels = None if gt is None else carb.present_classes(gt, C)
+        labels = None if gt is None else present_classes(gt, C)
         masks = {title: view(image, labels, i) for title, view in views.items()}
         if gt is not None:
             for title, mask in masks.items():
-                conf[title] += carb.confusion_matrix(mask, gt, C)
+                conf[title] += confusion_matrix(mask, gt, C)
         if args.save_dir:
             save_prediction(masks[saved], ids[i], args.save_dir, formats, args.data)
         if args.vis:
-            carb.vis_strip(image, masks | ({} if gt is None else {"GT": gt}), args.data).save(
+            vis_strip(image, masks | ({} if gt is None else {"GT": gt}), args.data).save(
                 os.path.join(args.vis, ids[i] + ".png"))
     results = None
     if gts is not None:
         results = {title: summarize(c, ds.classes) for title, c in conf.items()}
-        print(format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, ds.classes))
+        print(format_table({title: iou_from_confusion(c) for title, c in conf.items()}, ds.classes))
         if args.data == "synthetic":
             print("(synthetic stand-in data: these are not Cityscapes results)")
         if "model TTA" in views:

@@ -348,7 +348,7 @@ def test_simulated_clip_shape_determinism_and_classifier():
     sim = carb.SimulatedCLIP()
     x = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(0))
     out = sim(x)
-    assert out.shape == (2, C, 4, 8)
+    assert out.shape == (2, C, 16, 32)  # 4-px patches: Cityscapes' 16 px at the stand-in's quarter scale
     assert torch.equal(out, carb.SimulatedCLIP()(x.clone()))
     t = sim.text_classifier
     torch.testing.assert_close(t @ t.T, torch.eye(C), atol=1e-5, rtol=0)
@@ -358,7 +358,7 @@ def test_simulated_clip_shape_determinism_and_classifier():
         colour = torch.tensor(carb.SYNTH_COLORS[label_id][1], dtype=torch.float32) / 255
         image = TF.normalize(colour[:, None, None].expand(3, 48, 80)[None], carb.CLIP_MEAN, carb.CLIP_STD)
         scores = quiet(image)
-        assert scores.shape == (1, C, 3, 5)
+        assert scores.shape == (1, C, 12, 20)
         assert scores.argmax(1).eq(train_id).all(), (label_id, scores.argmax(1))
 
 
@@ -636,12 +636,12 @@ def test_iou_from_confusion_and_mean_iou():
                          [0, 0, 0, 0],  # class 1: predicted (4 px) but absent from GT -> IoU 0, counted
                          [0, 0, 0, 0],  # class 2: in neither -> NaN, left out
                          [1, 3, 0, 4]])
-    iou = carb.iou_from_confusion(conf)
+    iou = evaluation.iou_from_confusion(conf)
     assert iou[0].item() == pytest.approx(5 / 9)  # tp 5, union 8 + 6 - 5
     assert iou[1].item() == 0.0
     assert math.isnan(iou[2].item())
     assert iou[3].item() == pytest.approx(4 / 10)  # tp 4, union 8 + 6 - 4
-    assert carb.mean_iou(iou) == pytest.approx(100 * (5 / 9 + 0 + 0.4) / 3)
+    assert evaluation.mean_iou(iou) == pytest.approx(100 * (5 / 9 + 0 + 0.4) / 3)
 
 
 def test_confusion_matrix_matches_loop():
@@ -654,18 +654,18 @@ def test_confusion_matrix_matches_loop():
     for g, p in zip(gt.ravel(), pred.ravel()):
         if g != 255:
             expected[g, min(p, 5)] += 1
-    conf = carb.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt).to(torch.uint8), 5)
+    conf = evaluation.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt).to(torch.uint8), 5)
     np.testing.assert_array_equal(conf.numpy(), expected)
 
 
 def test_void_prediction_is_a_miss_and_no_false_positive():
     # GT road road car car, prediction road void void car: road tp 1, fn 1; car tp 1, fn 1; nobody gets an fp
-    conf = carb.confusion_matrix(torch.tensor([0, 255, 255, 13]), torch.tensor([0, 0, 13, 13], dtype=torch.uint8), C)
+    conf = evaluation.confusion_matrix(torch.tensor([0, 255, 255, 13]), torch.tensor([0, 0, 13, 13], dtype=torch.uint8), C)
     assert conf.shape == (C, C + 1) and conf[:, C].sum() == 2
-    iou = carb.iou_from_confusion(conf)
+    iou = evaluation.iou_from_confusion(conf)
     assert iou[0].item() == 0.5 and iou[13].item() == 0.5
     assert iou.isnan().sum() == C - 2
-    assert carb.mean_iou(iou) == 50.0
+    assert evaluation.mean_iou(iou) == 50.0
 
 
 def test_train_to_label_and_image_id():
@@ -719,7 +719,7 @@ def test_vis_strip_layout_and_palette():
     pred[16:] = 0  # ... over road
     pred[20:, 100:] = 255  # void corner
     gt = torch.full((32, 128), 13)  # car
-    strip = carb.vis_strip(image, {"prediction": pred, "GT": gt})
+    strip = evaluation.vis_strip(image, {"prediction": pred, "GT": gt})
     # 3 panels of 128, a 16 px title band, 32 px of panels, one 16 px legend row (3 classes, 3 entries per row)
     assert strip.size == (3 * 128, 16 + 32 + 16)
     px = lambda x, y: strip.getpixel((x, y))  # noqa: E731
@@ -732,7 +732,7 @@ def test_vis_strip_layout_and_palette():
 
 
 def test_vis_strip_shrinks_wide_images():
-    strip = carb.vis_strip(torch.zeros(3, 8, 2048, dtype=torch.uint8), {"GT": torch.full((8, 2048), 2)})
+    strip = evaluation.vis_strip(torch.zeros(3, 8, 2048, dtype=torch.uint8), {"GT": torch.full((8, 2048), 2)})
     assert strip.size == (2 * 1024, 16 + 4 + 16)
     assert strip.getpixel((1024 + 500, 16 + 2)) == BUILDING
 
@@ -1022,9 +1022,9 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch
     scorer, _ = carb.build_scorer(argparse.Namespace(data="cityscapes", clip_model=str(trained["clip"]),
                                                      dense_clip="maskclip", cache_dir=str(tmp_path / "c2")),
                                   torch.device("cpu"))
-    loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(root), "val")), batch_size=1)
-    pseudo = functools.partial(carb.clip_pseudo_mask, scorer, num_classes=C)
-    expected = carb.mean_iou(carb.evaluate(pseudo, loader, C, torch.device("cpu")))
+    loader = torch.utils.data.DataLoader(evaluation.EvalSet(*carb.list_split(str(root), "val")), batch_size=1)
+    pseudo = functools.partial(evaluation.clip_pseudo_mask, scorer, num_classes=C)
+    expected = evaluation.mean_iou(evaluation.evaluate(pseudo, loader, C, torch.device("cpu")))
     assert results["pseudo-mask"]["miou"] == pytest.approx(expected)
 
     # Both columns by hand, with a CLIP that says sky (10) where what it sees is mostly white, else road (0), and
@@ -1063,9 +1063,9 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch
         assert results[title]["miou"] == pytest.approx(100 * sum(ious.values()) / 4), title
     assert results["pseudo-mask"]["miou"] == pytest.approx(12.5)
     # training's final table takes carb.clip_pseudo_mask: the same original-view number
-    loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(tree), "val")), batch_size=1)
-    pseudo = functools.partial(carb.clip_pseudo_mask, white_is_sky, num_classes=C)
-    assert carb.mean_iou(carb.evaluate(pseudo, loader, C, torch.device("cpu"))) == pytest.approx(12.5)
+    loader = torch.utils.data.DataLoader(evaluation.EvalSet(*carb.list_split(str(tree), "val")), batch_size=1)
+    pseudo = functools.partial(evaluation.clip_pseudo_mask, white_is_sky, num_classes=C)
+    assert evaluation.mean_iou(evaluation.evaluate(pseudo, loader, C, torch.device("cpu"))) == pytest.approx(12.5)
 
 
 def test_vis_writes_one_strip_per_image(trained, tmp_path):
@@ -1606,7 +1606,7 @@ def test_class_tables_and_palettes():
     assert len(carb.DATASETS["wilddash2"].clip_names) == 25
     for data, colours in COLOURS.items():
         mask = torch.tensor([list(colours) + [255]])
-        assert [tuple(c) for c in carb.colorize(mask, data)[0].tolist()] == list(colours.values()) + [(0, 0, 0)]
+        assert [tuple(c) for c in evaluation.colorize(mask, data)[0].tolist()] == list(colours.values()) + [(0, 0, 0)]
     assert carb.DATASETS["synthetic"] is carb.DATASETS["cityscapes"]
 
 
@@ -1639,9 +1639,13 @@ def test_label_values_are_checked_per_dataset(data, value, culprit, tmp_path):
 
 def test_help_shows_every_datasets_defaults():
     text = " ".join(carb.get_args_parser().format_help().split())
-    for expected in ("camvid 12000", "camvid (720, 960)", "camvid (1.0, 4.0)", "camvid (2.0, 0.5)", "camvid 4000",
-                     "wilddash2 30000", "wilddash2 16000", "wilddash2 (1024, 2048)", "--image-labels FILE"):
-        assert expected in text, expected
+    camvid, wilddash2 = (text.split(f"{name}: ")[1].split(": ")[0] for name in ("camvid", "wilddash2"))
+    for expected in ("iters 12000", "crop (720, 960)", "scale_range (1.0, 4.0)", "multiplier (2.0, 0.5)",
+                     "carb_start 4000"):
+        assert expected in camvid, expected
+    for expected in ("iters 30000", "carb_start 16000", "base_size (1024, 2048)"):
+        assert expected in wilddash2, expected
+    assert "--image-labels FILE" in text
 
 
 @pytest.mark.parametrize("data", ["camvid", "wilddash2"])
@@ -1824,16 +1828,16 @@ def test_precompute_global_masks_restricted_sharded_and_cached(tree, tmp_path):
     run_args = argparse.Namespace(base_size=(48, 96), clip_model="simulated", cache_dir=str(tmp_path / "cache"),
                                   dense_clip="maskclip")
     args = (sim.text_classifier, images, labels, run_args, "cpu")
-    paths = carb.precompute_global_masks(scorer, *args, rank=1, world=2)  # rank 1 of 2: image 1 only
+    paths = evaluation.precompute_global_masks(scorer, *args, rank=1, world=2)  # rank 1 of 2: image 1 only
     assert calls == [(1, 3, 48, 96)] and [os.path.isfile(p) for p in paths] == [False, True]
-    assert carb.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # then image 0 alone
+    assert evaluation.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # then image 0 alone
     for path, ids in zip(paths, TRAIN_EXPECTED):
         mask = np.array(Image.open(path))
         assert mask.shape == (48, 96)  # 64x128 at base size 48x96
         assert set(np.unique(mask).tolist()) <= ids  # restricted to the image-level labels
-    assert carb.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # cached: no CLIP call
+    assert evaluation.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # cached: no CLIP call
     run_args.base_size = (64, 128)
-    other = carb.precompute_global_masks(scorer, sim.text_classifier, images, labels, run_args, "cpu")
+    other = evaluation.precompute_global_masks(scorer, sim.text_classifier, images, labels, run_args, "cpu")
     assert os.path.dirname(other[0]) != os.path.dirname(paths[0])  # another base size, another folder
 
 
@@ -1862,12 +1866,12 @@ def test_profile_and_precomputed_masks_run_end_to_end(tree, tmp_path, capsys):
     out = capsys.readouterr().out
     table = out[out.index("phase"):]
     rows = {}  # phase: (total s, ms/step, % of step)
-    for phase in carb.Stopwatch.STEP + ["step"]:
+    for phase in evaluation.Stopwatch.STEP + ["step"]:
         found = re.search(rf"^{re.escape(phase)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", table, re.M)
         assert found, (phase, table)
         rows[phase] = tuple(map(float, found.groups()))
     # the step is its phases: printed to 0.01 s, so each of the 6 + 1 rows may be off by up to 0.005
-    phases = [rows[p] for p in carb.Stopwatch.STEP]
+    phases = [rows[p] for p in evaluation.Stopwatch.STEP]
     assert rows["step"][0] == pytest.approx(sum(t for t, _, _ in phases), abs=0.01 * (len(phases) + 1)), table
     assert rows["step"][2] == 100.0 and sum(pct for _, _, pct in phases) == pytest.approx(100, abs=0.05 * 6)
     for total, ms, _ in phases + [rows["step"]]:  # 2 steps: ms/step = 1000 * total / 2, both rounded
@@ -2186,9 +2190,9 @@ def test_precomputed_mask_follows_an_image_changed_in_place(tree, tmp_path):
     sim = carb.SimulatedCLIP()
     args = argparse.Namespace(base_size=(64, 128), clip_model="simulated", cache_dir=str(tmp_path / "cache"),
                               dense_clip="maskclip")
-    before = carb.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
+    before = evaluation.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
     os.utime(images[0], ns=(0, 10 ** 9))  # touched: another modification time
-    after = carb.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
+    after = evaluation.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
     assert after[1] == before[1] and after[0] != before[0] and os.path.isfile(after[0])
 
 
