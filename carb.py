@@ -1,8 +1,7 @@
 """carb.py -- Weakly Supervised Semantic Segmentation for Driving Scenes (CARB: Kim, Lee, Choe, Shim, AAAI 2024,
 arXiv 2312.13646; official code github.com/k0u-id/CARB) in one file. Run `python carb.py --data synthetic`.
-Lines 1-400 are the method in the paper's order (1. CLIP pseudo-masks, 2. Global-Local View, 3. the model, 4. the CARB
-loss, 5. one training step); then 6. data, 7. the training loop, 8. validation, 9. the command line; last, an appendix
-that is not the method: the synthetic stand-in, for a demo without a GPU, Cityscapes or CLIP weights.
+The method comes first, in the paper's order (1. CLIP pseudo-masks, 2. Global-Local View, 3. the model, 4. the CARB
+loss, 5. one training step); then 6. data, 7. the training loop, 8. validation, 9. the command line, and an appendix.
 """
 import argparse
 import collections
@@ -14,7 +13,6 @@ import json
 import math
 import multiprocessing
 import os
-import pickle
 import re
 import shlex
 import signal
@@ -45,7 +43,6 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # the segmentation model's input
 
 # 1. CLIP pseudo-masks (MaskCLIP) -------------------------------------------------------------------
-
 # CLIP's 80 ImageNet prompt templates plus the 5 scene templates MaskCLIP and CARB add.
 TEMPLATES = [
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
@@ -53,35 +50,33 @@ TEMPLATES = [
     "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
     "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
     "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
-    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
-    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
-    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
-    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
-    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
-    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
     "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
     "this is the {} in the scene.", "this is one {} in the scene.",
 ]
 
 def load_clip(name_or_path, device):
-    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt, or a state dict, which torch >= 2.6
-    loads without unpickling code): frozen, in eval mode; float32 on a CPU, float16 on a GPU."""
+    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt or a state dict): frozen, in eval mode."""
     with warnings.catch_warnings():  # clip imports pkg_resources, and torch.jit.load is deprecated: both warn
         warnings.simplefilter("ignore")
         import clip
         try:  # unknown names, offline downloads: RuntimeError, URLError (an OSError); bad files: the others
             return clip.load(name_or_path, device=device, jit=False)[0].eval().requires_grad_(False)
-        except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
-                pickle.UnpicklingError) as e:
+        except Exception as e:  # noqa: BLE001  (whatever it is, this file or name is not a CLIP model)
             raise CarbError(f"--clip-model {name_or_path}: cannot load it ({type(e).__name__}: {str(e)[:80]}); pass "
                             f"one of {clip.available_models()}, or (offline) pass its path: OpenAI's .pt file "
                             "(e.g. ~/.cache/clip/ViT-B-16.pt) or a CLIP state dict") from None
@@ -152,9 +147,8 @@ def maskclip_scores(clip_model, images, text_classifier, variant="maskclip"):
     return scores.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
 
 def pseudo_mask(scores, image_labels, size):
-    """scores [B,C,h,w] -> [B,H,W] long: bilinear upsampling, then argmax over each image's labelled classes only.
-    Absent classes can never win; an image without labels is all ignore (255). Channels-last (each pixel's C
-    scores side by side) makes the upsampling and the argmax several times faster on a CPU."""
+    """scores [B,C,h,w] -> [B,H,W] long: bilinear upsampling, then argmax over each image's labelled classes only (an
+    image without labels: all 255). Channels-last makes the upsampling and the argmax several times faster on a CPU."""
     scores = F.interpolate(scores.float().contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
                            align_corners=False)
     mask = scores.masked_fill_(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
@@ -162,10 +156,8 @@ def pseudo_mask(scores, image_labels, size):
     return mask
 
 # 2. Global-Local View Training ---------------------------------------------------------------------
-
 def sample_window(crop, window, rate, offset, g):
-    """One window per batch, placed uniformly inside the crop, and its CLIP multiplier m = rate * U[0,1) + offset.
-    Returns (top, left, height, width, m)."""
+    """(top, left, height, width, m): one window per batch, uniform inside the crop, m = rate * U[0,1) + offset."""
     h, w = min(window[0], crop[0]), min(window[1], crop[1])
     top = torch.randint(0, crop[0] - h + 1, (), generator=g).item()
     left = torch.randint(0, crop[1] - w + 1, (), generator=g).item()
@@ -181,7 +173,6 @@ def local_pseudo_mask(scorer, clip_images, image_labels, window):
     return pseudo_mask(scorer(patch), image_labels, (h, w))
 
 # 3. Model: torchvision DeepLabV3, classified by CLIP's text embeddings -----------------------------
-
 BACKBONES = {  # name: (torchvision builder, its backbone's weights enum); the appendix adds the synthetic one
     "resnet50": (torchvision.models.segmentation.deeplabv3_resnet50, torchvision.models.ResNet50_Weights),
     "resnet101": (torchvision.models.segmentation.deeplabv3_resnet101, torchvision.models.ResNet101_Weights),
@@ -215,7 +206,6 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 # 4. CARB loss: Consistency-Aware Region Balancing. Self-contained: copy this block; it needs only torch. ---
-
 def masked_cross_entropy(logits, target, region=None, ignore_index=255):
     """Mean cross-entropy over the pixels of `region` (default: all non-ignored); 0, never NaN, if it is empty."""
     ce = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
@@ -268,10 +258,7 @@ class RegionBalancer:
     def load_state_dict(self, state):
         self.__dict__.update(state)
 
-# ---------------------------------------------------------------------------------------------------- end of block
-
 # 5. One training step ------------------------------------------------------------------------------
-
 def train_one_step(model, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
     """One CARB iteration's forward pass and loss; returns (loss, the terms to log). `region_weight` is a
     RegionBalancer or a float; `window` None trains the global view only (the ablation's --no-local-view). A batch
@@ -325,24 +312,19 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device,
     return loss, logs
 
 # 6. Data: Cityscapes, CamVid, WildDash2; image-level labels only (the experiment, after the method) ---
-
 # The 19 evaluation classes and the labelId -> trainId map, from the table torchvision ships.
 CITYSCAPES = [c for c in torchvision.datasets.Cityscapes.classes if not c.ignore_in_eval]
 CLASS_NAMES = [c.name for c in CITYSCAPES]
 LABEL_TO_TRAIN = torch.full((256,), 255, dtype=torch.uint8)
-TRAIN_TO_LABEL = torch.zeros(256, dtype=torch.uint8)  # and back; void (255) -> 0 "unlabeled", a miss when scored
-for _c in CITYSCAPES:
-    LABEL_TO_TRAIN[_c.id] = _c.train_id
-    TRAIN_TO_LABEL[_c.train_id] = _c.id
+LABEL_TO_TRAIN[[c.id for c in CITYSCAPES]] = torch.tensor([c.train_id for c in CITYSCAPES], dtype=torch.uint8)
 # The official CARB classes of CamVid (SegNet's 11) and WildDash2 (the 25 evaluated, in its panoptic.json's order).
 CAMVID = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
           "Bicyclist"]
 WILDDASH2 = ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
              "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
              "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"]
-# One class table and folder layout per dataset. `images` and `labels` are globs under --data-root with the same
-# wildcards: an image's label file is the label glob with the image's own matches. CamVid and WildDash2 label files
-# hold the class index itself (to_train: the identity).
+# Classes and layout per dataset: `images` and `labels` are globs under --data-root whose wildcards match alike (an
+# image's label file is the label glob with the image's matches); CamVid and WildDash2 labels are class indices.
 Dataset = collections.namedtuple("Dataset", "classes clip_names images labels label_values to_train")
 DATASETS = {
     # CARB's names for CLIP: "tree" for vegetation, "pedestrian" for person, ... Labels: labelIds, 255 = -1.
@@ -441,9 +423,8 @@ def read_image_labels(path, image_paths, data="cityscapes"):
     return labels
 
 def photometric_distortion(img, g):
-    """mmseg's PhotoMetricDistortion on a float [3,H,W] image in [0,255]: each step with probability 1/2 --
-    brightness +U(-32,32), contrast xU(0.5,1.5) (before or after the colour steps), saturation xU(0.5,1.5),
-    hue +U(-18,18) of 180 degrees."""
+    """mmseg's PhotoMetricDistortion of a float [3,H,W] image in [0,255], each step with probability 1/2: brightness
+    +U(-32,32), contrast xU(0.5,1.5) (before or after the colour), saturation xU(0.5,1.5), hue +U(-18,18) degrees."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     coin = lambda: torch.rand((), generator=g).item() < 0.5  # noqa: E731
     if coin():
@@ -460,16 +441,12 @@ def photometric_distortion(img, g):
     return img
 
 class WeakTrainSet(torch.utils.data.Dataset):
-    """Training crops with image-level labels only: (image uint8 [3,h,w], labels [C], valid_hw [2] = the image's size
-    inside the crop, padded bottom/right), augmented as the official config, with randomness from (seed, sample
-    number). With `global_masks` (--global-masks precompute) each image's pseudo-mask comes fourth, augmented alike."""
+    """Crops (uint8 [3,h,w], padded bottom/right), image-level labels [C] and valid_hw [2] (the image inside the crop),
+    augmented as the official config, random from (seed, sample). A precomputed global mask comes fourth, alike."""
 
     def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None):
         self.images, self.labels, self.seed, self.photometric = images, labels, seed, photometric
         self.crop, self.base_size, self.scale_range, self.global_masks = crop, base_size, scale_range, global_masks
-
-    def __len__(self):
-        return len(self.images)
 
     def __getitem__(self, item):
         k, i = item  # (global sample number, image index), from InfiniteSampler
@@ -499,8 +476,8 @@ class WeakTrainSet(torch.utils.data.Dataset):
         return item + (F.pad(mask.flip(-1) if flip else mask, pad, value=255),)
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """(k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation; batch t holds
-    samples t*B..t*B+B-1. Under torchrun the stream of batch N*B is dealt out to the N ranks in runs of B."""
+    """(k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation. Under torchrun
+    batch t of the one stream goes to rank t % N, so N ranks with B images see what one GPU with N*B would."""
 
     def __init__(self, n, seed, start=0, rank=0, world=1, batch=1):
         self.n, self.seed, self.start, self.rank, self.world, self.batch = n, seed, start, rank, world, batch
@@ -514,7 +491,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 yield k, perm[j].item()
 
 # 7. The training loop ------------------------------------------------------------------------------
-
 def atomic_save(obj, path):
     """torch.save to PATH.tmp, flushed to disk, renamed over `path`: `path` is always whole, even on a full disk."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -531,8 +507,8 @@ def atomic_save(obj, path):
                         f"a run); {path} was left as it was") from None
 
 def cached(path, files, compute, what):
-    """compute(), kept at `path` with the (size, mtime) of the `files` it reads: a changed file (named in one line)
-    or a damaged cache means computing it again; a file removed since (a train mask) changes nothing."""
+    """compute(), kept at `path` with the (size, mtime) of the `files` it reads, which a changed file (named in one
+    line) makes stale; a file removed since (a train mask, once its labels are kept) changes nothing."""
     stats = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else None for f in files]
     try:
         entry = torch.load(path, weights_only=True)
@@ -542,7 +518,7 @@ def cached(path, files, compute, what):
         if changed:
             tqdm.write(f"carb.py: {what}: {len(changed)} of the files changed since cached, the first {changed[0]}: "
                        "computing them again")
-    except (RuntimeError, OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
+    except Exception:  # noqa: BLE001  (no cache yet, or a damaged one: compute it)
         pass
     value = compute()
     atomic_save({"stats": stats, "value": value}, path)
@@ -562,17 +538,6 @@ def make_model(args, classifier, device, ddp=False):
     if args.region_weight != "adaptive":
         return model, optimizer, float(args.region_weight)
     return model, optimizer, DistributedRegionBalancer() if ddp else RegionBalancer()
-
-def poly_lr(it, iters, base_lr, min_lr, power=0.9):
-    """mmcv's poly schedule with a floor: (base - min) * (1 - it/iters)^power + min."""
-    return (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
-
-def backward_and_step(loss, optimizer, watch):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    watch("segmentation forward+backward")
-    optimizer.step()
-    watch("optimizer")
 
 class DistributedRegionBalancer(RegionBalancer):
     """torchrun: CE(R_c) and CE(R_i) averaged over the ranks enter the window: one history and one w on all ranks."""
@@ -604,33 +569,10 @@ def open_log(path, start):
 class Interrupted(Exception):
     """SIGINT or SIGTERM during training, raised once the last finished iteration is saved: (signum, iter, path)."""
 
-def resume_checkpoint(args, last):
-    """None for a new run; for --resume, RUN/last.pth, refused before any work if it cannot continue this run."""
-    if os.path.isfile(args.out):
-        raise CarbError(f"--out {args.out} is a file: pass a folder")
-    if args.resume and not os.path.isfile(last):
-        raise CarbError(f"--resume: {last} not found; drop --resume to start a new run")
-    if not args.resume and os.path.isfile(last):  # a new run would overwrite it at its first validation
-        raise CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass another "
-                        "--out (or delete it) to start anew")
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True) if args.resume else None
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise CarbError(f"--resume: {last} cannot be read ({str(e).splitlines()[0][:120]}); start afresh, or resume "
-                        "from a copy of best.pth") from None
-    for key in ("data", "backbone", "optimizer", "clip_model", "dense_clip") if ckpt else ():
-        trained = ckpt["args"].get(key, "maskclip" if key == "dense_clip" else None)  # runs from before --dense-clip
-        if trained != getattr(args, key):
-            raise CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {trained}, not "
-                            f"{getattr(args, key)}: pass the run's own")
-    if ckpt and ckpt["iteration"] > args.iters:
-        raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
-    return ckpt
-
 def main(args):
     """Train with `args` (parse_args); then eval.py's table of CLIP's pseudo-masks and the model on val, returned."""
-    last, best_path = os.path.join(args.out, "last.pth"), os.path.join(args.out, "best.pth")
-    ckpt = resume_checkpoint(args, last)
+    last = os.path.join(args.out, "last.pth")
+    ckpt = judge().resume_checkpoint(args, last)  # None for a new run; refused now if it cannot continue this one
     # torchrun: one process per GPU (gloo processes on a CPU); rank 0 alone writes files and prints
     ddp, rank, world, device = "RANK" in os.environ, 0, 1, torch.device(args.device)
     if ddp:
@@ -645,7 +587,7 @@ def main(args):
         barrier()
     torch.manual_seed(args.seed)
     if args.data == "synthetic":
-        make_synthetic(args.data_root, size=DEFAULTS["synthetic"]["base_size"], **SYNTHETIC_SIZES)
+        make_synthetic(args.data_root, size=DEFAULTS["synthetic"]["base_size"])
     train_images, train_gts = list_split(args.data_root, "train", args.data)
     if args.image_labels:  # given: no train mask is ever opened
         image_labels = read_image_labels(args.image_labels, train_images, args.data)
@@ -685,21 +627,19 @@ def main(args):
                      "balancer": balancer.state_dict() if balancer else None, "miou": miou,
                      "best_miou": max(best, -1.0 if miou is None else miou), "args": vars(args)}, path)
         saved = done if path == last else saved
-
     log = open_log(os.path.join(args.out, "log.csv"), start) if rank == 0 else open(os.devnull, "w")
-    training_done = multiprocessing.Event()
+    training_done = multiprocessing.Event()  # then the DataLoader's SIGTERM at shutdown ends its workers
     loader = functools.partial(torch.utils.data.DataLoader, num_workers=args.workers,
                                worker_init_fn=functools.partial(worker_signals, training_done))
     train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
                              args.photometric, global_masks)
-    sampler = InfiniteSampler(len(train_set), args.seed, start * args.batch_size * world, rank, world, args.batch_size)
+    sampler = InfiniteSampler(len(train_images), args.seed, start * args.batch_size * world, rank, world,
+                              args.batch_size)
     batches = iter(loader(train_set, batch_size=args.batch_size, sampler=sampler, pin_memory=device.type == "cuda",
                           persistent_workers=args.workers > 0))
     val_loader = loader(val_set, batch_size=1)
-    # torchrun: gradients averaged over the ranks in backward, so every rank takes the same step
-    ddp_model = model
-    if ddp:
-        ddp_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
+    ddp_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
+        if ddp else model  # torchrun: gradients are averaged over the ranks in backward: one step on every rank
     # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
     # except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
     stop, handlers = [], {}
@@ -708,7 +648,6 @@ def main(args):
         stop.append(signum)
         if not ddp:
             signal.signal(signum, handlers[signum])
-
     for s in (signal.SIGINT, signal.SIGTERM):
         handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", disable=rank > 0)
@@ -716,7 +655,7 @@ def main(args):
     done = saved = start
     try:
         for it in bar:
-            lr = poly_lr(it, args.iters, args.lr, args.min_lr)
+            lr = (args.lr - args.min_lr) * (1 - it / args.iters) ** 0.9 + args.min_lr  # mmcv's poly, with a floor
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # All randomness of iteration `it` comes from (seed, it) -- the window, then the global RNG (dropout) --
@@ -730,7 +669,11 @@ def main(args):
             if not math.isfinite(loss.item()):
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
                 raise CarbError(f"non-finite loss at iteration {it} ({terms}): lower --lr, or check the data")
-            backward_and_step(loss, optimizer, watch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            watch("segmentation forward+backward")
+            optimizer.step()
+            watch("optimizer")
             bar.set_postfix({k: f"{logs[k]:.3f}" for k in LOG_COLUMNS[2:-2] if k in logs} | {"lr": f"{lr:.2e}"})
             done, validate = it + 1, rank == 0 and ((it + 1) % args.val_every == 0 or it + 1 == args.iters)
             if validate:
@@ -741,7 +684,7 @@ def main(args):
                 save(last, done)
                 if miou > best:
                     best = miou
-                    save(best_path, done)
+                    save(os.path.join(args.out, "best.pth"), done)
             if ddp:  # all ranks stop after the same iteration, whichever got the signal
                 signum = torch.tensor(stop[:1] or [0], device=device)
                 dist.all_reduce(signum, op=dist.ReduceOp.MAX)
@@ -777,28 +720,19 @@ def main(args):
     return evaluation.main(evaluation.get_args_parser().parse_args([str(f) for f in flags]))
 
 # 8. Validation and pictures: eval.py's scoring and drawing, on the model in memory -------------------
-
-def validate_model(model, scorer, loader, vis_dir=None, n=4):
-    """The model's val mIoU; with `vis_dir`, n pictures (image | CLIP pseudo-mask | prediction | GT) written there."""
+def validate_model(model, scorer, loader, vis_dir=None):
+    """The model's val mIoU (eval.py's confusion matrix); with `vis_dir`, eval.py's pictures of a few val images."""
     evaluation = judge()
     model.eval()
-    device, dataset = next(model.parameters()).device, loader.dataset
-    num_classes = len(DATASETS[dataset.data].classes)
+    device, num_classes = next(model.parameters()).device, len(DATASETS[loader.dataset.data].classes)
     iou = evaluation.evaluate(lambda images, gts: evaluation.predict(model, images), loader, num_classes, device)
-    for i in range(0, len(dataset), max(1, len(dataset) // n))[:n] if vis_dir else ():
-        image, gt = (t.to(device) for t in dataset[i])
-        masks = {"CLIP pseudo-mask": evaluation.clip_pseudo_mask(scorer, image[None], gt[None], num_classes)[0],
-                 "prediction": evaluation.predict(model, image[None])[0], "GT": gt}
-        os.makedirs(vis_dir, exist_ok=True)
-        picture = evaluation.vis_strip(image, masks, dataset.data)
-        picture.save(os.path.join(vis_dir, image_id(dataset.images[i]) + ".png"))
+    if vis_dir:
+        evaluation.draw_samples(model, scorer, loader.dataset, vis_dir)
     model.train()
     return evaluation.mean_iou(iou)
 
 # 9. The command line -------------------------------------------------------------------------------
-
-# Per-dataset defaults. Cityscapes, CamVid, WildDash2: the official configs/carb/*_carb_dual.py (2 GPUs x 4 images
-# there; batch 8 on one GPU here). Synthetic: small enough to train on 2 CPU cores in a few minutes.
+# Defaults per --data: the official configs/carb/*_carb_dual.py (2 GPUs x 4 images; here 8 on one); synthetic: a CPU.
 CITYSCAPES_DEFAULTS = dict(
     data_root="data/cityscapes", out="runs/cityscapes", iters=30000, batch_size=8, crop=(512, 1024),
     base_size=(1024, 2048), scale_range=(0.5, 2.0), window=(512, 256), multiplier=(1.0, 1.0), carb_start=16000,
@@ -815,7 +749,6 @@ DEFAULTS = {
                       carb_start=213, optimizer="adamw", lr=2e-3, min_lr=1e-5, backbone="mobilenet_v3_stride8",
                       backbone_weights="none", clip_model="simulated", val_every=200, workers=1, photometric=False),
 }
-SYNTHETIC_SIZES = dict(n_train=300, n_val=40)
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a bad flag is one line and exit code 2, as every other bad input
@@ -843,8 +776,7 @@ def get_args_parser():
     p.add_argument("--crop", type=number(int, 16), nargs=2, metavar=("H", "W"))
     p.add_argument("--scale-range", type=number(float, 0, True), nargs=2, metavar=("LO", "HI"), help="x base_size")
     p.add_argument("--window", type=number(int, 16), nargs=2, metavar=("H", "W"), help="the local view")
-    p.add_argument("--multiplier", type=number(float, 0), nargs=2, metavar=("RATE", "OFFSET"),
-                   help="the window's up-scaling m = RATE * U[0,1) + OFFSET")
+    p.add_argument("--multiplier", type=number(float, 0), nargs=2, metavar=("RATE", "OFFSET"), help="m = RATE*U+OFFSET")
     p.add_argument("--photometric", action=argparse.BooleanOptionalAction, help="colour jitter")
     p.add_argument("--carb-start", type=number(int, 0), help="iteration from which CARB replaces CE (ITERS: never)")
     p.add_argument("--region-weight", default="adaptive", help="'adaptive' (RegionBalancer) or a fixed number")
@@ -861,13 +793,10 @@ def get_args_parser():
     p.add_argument("--val-every", type=number(int, 1))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=number(int, 0))
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "carb"),
-                   help="image-level labels, text embeddings, precomputed masks")
-    p.add_argument("--global-masks", choices=["online", "precompute"], default="online", help="online: CLIP on each "
-                   "crop (official dual path); precompute: once per image, cached (official single path)")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/carb"), help="labels, text embeddings, masks")
+    p.add_argument("--global-masks", choices=["online", "precompute"], default="online", help="CLIP per crop or image")
     p.add_argument("--profile", action="store_true", help="time each phase of the step; print a table at the end")
-    p.add_argument("--benchmark", action="store_true", help="time a few steps of the paper's networks with random "
-                   "weights on a random batch (no data, no downloads), and exit")
+    p.add_argument("--benchmark", action="store_true", help="time the paper's networks on random data, and exit")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly from its last.pth")
     return p
 
@@ -906,9 +835,8 @@ def build_scorer(args, device):
         return sim, sim.text_classifier.cpu()
     clip_model = load_clip(args.clip_model, device)
     names = DATASETS[args.data].clip_names
-    model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
-    key = hashlib.sha1(repr((model, names, TEMPLATES)).encode()).hexdigest()[:16]
-    clip_file = [args.clip_model] if os.path.isfile(args.clip_model) else []  # a name: clip.load checks its SHA256
+    clip_file = [os.path.abspath(args.clip_model)] if os.path.isfile(args.clip_model) else []  # names: clip.load checks
+    key = hashlib.sha1(repr((clip_file or args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]  # a SHA256
     classifier = cached(os.path.join(args.cache_dir, f"text_{key}.pt"), clip_file,
                         lambda: text_classifier(clip_model, names), "text embeddings")
     on_device = classifier.to(device)  # once: a copy from pageable memory at every call would stall the GPU queue
@@ -952,9 +880,7 @@ def run(argv=None):
     sys.exit(code)
 
 # Appendix, not part of the method: the synthetic stand-in, for a demo without a GPU, Cityscapes or CLIP weights ====
-# Street scenes at a quarter of Cityscapes' size, seen by its camera (README: the geometry), a simulated CLIP with a
-# 4-px patch (16 px at full size), and a small stride-8 backbone.
-
+# Scenes at a quarter of Cityscapes' size through its camera, a simulated CLIP with a 4-px patch, a small backbone.
 SYNTH_COLORS = {  # labelId: (name, RGB): the scene's own colours, one base colour per class
     7: ("road", (80, 80, 88)), 8: ("sidewalk", (175, 160, 150)), 11: ("building", (125, 95, 80)),
     17: ("pole", (45, 45, 40)), 19: ("traffic light", (240, 120, 30)), 20: ("traffic sign", (225, 215, 50)),
@@ -962,10 +888,9 @@ SYNTH_COLORS = {  # labelId: (name, RGB): the scene's own colours, one base colo
     26: ("car", (40, 60, 160)),
 }
 
-def render_scene(rng, height, width):
+def render_scene(rng, H, W):
     """A street (RGB uint8 [H,W,3], labelIds [H,W]) through Cityscapes' camera scaled to this width: an object of
     S m at d m is f*S/d px and stands on row horizon + f*1.2/d (camera 1.2 m up). Far things are painted first."""
-    H, W = height, width
     lab = np.full((H, W), 23, np.uint8)
     col = np.zeros((H, W, 3), np.float32)
     yy, xx = np.mgrid[0:H, 0:W]
@@ -1011,7 +936,7 @@ def render_scene(rng, height, width):
     col = col * rng.uniform(0.85, 1.15) + rng.normal(0, 8, (H, W, 3))  # illumination and sensor noise
     return np.clip(col, 0, 255).astype(np.uint8), lab
 
-def make_synthetic(root, n_train, n_val, size, seed=0):
+def make_synthetic(root, size, n_train=300, n_val=40, seed=0):
     """Write the synthetic dataset once (a split that is already complete is skipped)."""
     for split, n in (("train", n_train), ("val", n_val)):
         img_dir, gt_dir = (os.path.join(root, top, split, "synth") for top in ("leftImg8bit", "gtFine"))
@@ -1026,11 +951,10 @@ def make_synthetic(root, n_train, n_val, size, seed=0):
             Image.fromarray(lab).save(os.path.join(gt_dir, f"synth_{i:06d}_000019_gtFine_labelIds.png"))
 
 class SimulatedCLIP(nn.Module):
-    """MaskCLIP's stand-in (same call) with CLIP's two failures. (i) Small objects are outvoted: a pixel votes for the
-    nearest scene colour and a patch scores its share of the votes, so an object much smaller than the patch loses,
-    and an up-scaled view partly recovers it. (ii) Coherent noise on large regions: blobs about 3 and 12 patches
-    across, from the image's own texture (fixed per image, not a class's look), move score between the classes
-    present there. It sees pixels only. Its `text_classifier` (random orthonormal rows) is the Segmenter's."""
+    """MaskCLIP's stand-in (same call), with CLIP's two failures. (i) Small objects are outvoted: pixels vote for the
+    nearest scene colour and a patch scores each class's share, so an object much smaller than a patch loses, and an
+    up-scaled view partly recovers it. (ii) Coherent noise on large regions: blobs 3 and 12 patches across, from the
+    image's own texture, move score between the classes there. It sees pixels only, never GT."""
 
     def __init__(self, noise=0.5, blobs=(3, 12), patch=4, dim=512, seed=0):
         super().__init__()
@@ -1061,8 +985,7 @@ class SimulatedCLIP(nn.Module):
         return scores
 
 def deeplabv3_mobilenet_stride8(weights=None, weights_backbone=None, num_classes=21, aux_loss=False):
-    """DeepLabV3 on MobileNetV3-Large's stride-8 blocks (7): finer than torchvision's stride-16 DeepLabV3-MobileNetV3,
-    as the paper's ResNet-50 is. torchvision's builder signature."""
+    """DeepLabV3 on MobileNetV3-Large's first 7 blocks: stride 8, as the paper's ResNet-50 (torchvision's is 16)."""
     features = torchvision.models.mobilenet_v3_large(weights=weights_backbone).features[:7]
     backbone = create_feature_extractor(features, {"6": "out"})
     return torchvision.models.segmentation.DeepLabV3(backbone, DeepLabHead(40, num_classes))

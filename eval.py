@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 import carb
 
+TRAIN_TO_LABEL = torch.zeros(256, dtype=torch.uint8)  # Cityscapes trainId -> labelId; void (255) -> 0 "unlabeled"
+TRAIN_TO_LABEL[[c.train_id for c in carb.CITYSCAPES]] = torch.tensor([c.id for c in carb.CITYSCAPES], dtype=torch.uint8)
 SUFFIX = {"trainid": "trainIds", "labelid": "labelIds", "color": "color"}  # --save-format -> file name suffix
 
 
@@ -183,6 +185,26 @@ def load_checkpoint(path, flag="--ckpt"):
     if not (isinstance(ckpt, dict) and {"model", "iteration", "args"} <= ckpt.keys()
             and isinstance(ckpt["model"], dict) and isinstance(ckpt["args"], dict)):
         raise carb.CarbError(f"{flag} {path} is not a carb.py checkpoint (no model, iteration and args)")
+    return ckpt
+
+
+def resume_checkpoint(args, last):
+    """carb.py: None for a new run; for --resume, RUN/last.pth; refused now if it cannot continue the run."""
+    if os.path.isfile(args.out):
+        raise carb.CarbError(f"--out {args.out} is a file: pass a folder")
+    if args.resume and not os.path.isfile(last):
+        raise carb.CarbError(f"--resume: {last} not found; drop --resume to start a new run")
+    if not args.resume and os.path.isfile(last):  # a new run would overwrite it at its first validation
+        raise carb.CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass "
+                             "another --out (or delete it) to start anew")
+    ckpt = load_checkpoint(last, "--resume") if args.resume else None
+    for key in ("data", "backbone", "optimizer", "clip_model", "dense_clip") if ckpt else ():
+        trained = ckpt["args"].get(key, "maskclip" if key == "dense_clip" else None)  # runs from before --dense-clip
+        if trained != getattr(args, key):
+            raise carb.CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {trained}, not "
+                                 f"{getattr(args, key)}: pass the run's own")
+    if ckpt and ckpt["iteration"] > args.iters:
+        raise carb.CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
     return ckpt
 
 
@@ -357,6 +379,17 @@ class Stopwatch:
         self.last = time.perf_counter()
 
 
+def draw_samples(model, scorer, dataset, vis_dir, n=4):
+    """carb.py's training-time pictures: n images of `dataset`, each image | CLIP pseudo-mask | prediction | GT."""
+    device, num_classes = next(model.parameters()).device, len(carb.DATASETS[dataset.data].classes)
+    os.makedirs(vis_dir, exist_ok=True)
+    for i in range(0, len(dataset), max(1, len(dataset) // n))[:n]:
+        image, gt = (t.to(device) for t in dataset[i])
+        masks = {"CLIP pseudo-mask": clip_pseudo_mask(scorer, image[None], gt[None], num_classes)[0],
+                 "prediction": predict(model, image[None])[0], "GT": gt}
+        vis_strip(image, masks, dataset.data).save(os.path.join(vis_dir, carb.image_id(dataset.images[i]) + ".png"))
+
+
 def profile_table(totals, steps):
     """Stopwatch's totals as a table: seconds, ms per step and share of the step, per phase."""
     step = sum(totals[p] for p in Stopwatch.STEP)
@@ -396,7 +429,7 @@ def save_prediction(mask, image_id, out_dir, formats, data):
     ID_color.png."""
     mask = mask.cpu()
     for fmt in formats:
-        pixels = {"trainid": mask.to(torch.uint8), "labelid": carb.TRAIN_TO_LABEL[mask.long()],
+        pixels = {"trainid": mask.to(torch.uint8), "labelid": TRAIN_TO_LABEL[mask.long()],
                   "color": colorize(mask, data)}[fmt]
         Image.fromarray(pixels.numpy()).save(os.path.join(out_dir, f"{image_id}_{SUFFIX[fmt]}.png"))
 
@@ -487,7 +520,11 @@ def benchmark(args, steps=3):
             watch.totals.clear()
         loss, _ = carb.train_one_step(model, scorer, batch, window, True, balancer, device, watch)
         watch("CARB loss and balancer")
-        carb.backward_and_step(loss, optimizer, watch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        watch("segmentation forward+backward")
+        optimizer.step()
+        watch("optimizer")
     print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}; crop {H}x{W}, batch {B}, window "
           f"{window[2]}x{window[3]}; {steps} steps after a warm-up step")

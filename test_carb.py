@@ -155,7 +155,7 @@ def test_weak_train_set_yields_image_labels_size_and_reads_no_gt(tree, tmp_path)
     # base 16x32 at scale 1: the 64x128 image becomes 16x32 (factor min(32/128, 16/64) = 1/4), padded to 32x64
     ds = carb.WeakTrainSet(images, labels, crop=(32, 64), base_size=(16, 32), scale_range=(1.0, 1.0), seed=0,
                            photometric=False)
-    assert len(ds) == 2
+    assert len(ds.images) == 2  # indexed by (sample number, image) pairs from InfiniteSampler
     for k, i in [(0, 0), (1, 1), (2, 0)]:
         item = ds[(k, i)]
         assert len(item) == 3
@@ -671,7 +671,7 @@ def test_void_prediction_is_a_miss_and_no_false_positive():
 def test_train_to_label_and_image_id():
     known = {0: 7, 1: 8, 2: 11, 10: 23, 11: 24, 13: 26, 18: 33, 255: 0}  # from the Cityscapes label table; void -> 0
     for train_id, label_id in known.items():
-        assert carb.TRAIN_TO_LABEL[train_id].item() == label_id
+        assert evaluation.TRAIN_TO_LABEL[train_id].item() == label_id
     assert carb.image_id("/d/leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png") == \
         "frankfurt_000000_000294"
     assert carb.image_id("frames/dashcam 01.jpg") == "dashcam 01"
@@ -1121,7 +1121,7 @@ def test_readme_loss_block_is_carb_section_5():
     start = readme.index("```python\n", readme.index("## The loss, for copy-paste")) + len("```python\n")
     block = readme[start:readme.index("```", start)]
     source = open(os.path.join(REPO, "carb.py")).read()
-    section = source[source.index("def masked_cross_entropy("):source.index("\n# ---", source.index("class RegionBalancer:"))]
+    section = source[source.index("def masked_cross_entropy("):source.index("\n# 5. One training step")]
     assert block == "import torch\n\n\n" + section.rstrip() + "\n"
     namespace = {}
     exec(block, namespace)  # only `import torch` is available to it
