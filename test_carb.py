@@ -1512,7 +1512,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(trained, tmp_path):
 
 @pytest.mark.parametrize("given, iters, carb_start", [
     (["--data", "cityscapes", "--iters", 4, "--carb-start", 2], 4, 2),  # as given
-    (["--data", "synthetic"], 150, 80),  # ABLATION_ITERS; CARB from the official 16000/30000 of it: 80
+    (["--data", "synthetic"], 120, 64),  # ABLATION_ITERS; CARB from the official 16000/30000 of it: 64
 ])
 def test_ablation_runs_each_variant_through_the_normal_cli(given, iters, carb_start, tmp_path, capsys, monkeypatch):
     """Every variant (a)-(e) with every seed is one carb.main() of the normal command line with the variant's flags;
