@@ -424,6 +424,26 @@ def precompute_global_masks(scorer, classifier, images, labels, args, device, ra
     return paths
 
 
+def runs(mask):
+    """The lengths of the runs of True in each row of a boolean array."""
+    steps = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    return np.nonzero(steps == -1)[1] - np.nonzero(steps == 1)[1]
+
+
+def geometry(n=20, size=(256, 512), patch=4):
+    """README, "the geometry": the stand-in's small classes over n synthetic train scenes -- the median width and
+    height of their pixel runs, in pixels and in SimulatedCLIP patches at m = 1, 1.5 and 2 -- and their pixel share."""
+    rng = np.random.default_rng([0, False])  # make_synthetic's train scenes
+    labels = [carb.render_scene(rng, *size)[1] for _ in range(n)]
+    print(f"{'class':<15}{'w x h px':>12}" + "".join(f"{f'patches, m={m}':>18}" for m in (1, 1.5, 2)) + f"{'pixels':>8}")
+    for label_id in (17, 19, 20, 24):  # pole, traffic light, traffic sign, person
+        w = np.median(np.concatenate([runs(lab == label_id) for lab in labels]))
+        h = np.median(np.concatenate([runs((lab == label_id).T) for lab in labels]))
+        cells = "".join(f"{f'{w * m / patch:.1f} x {h * m / patch:.1f}':>18}" for m in (1, 1.5, 2))
+        share = 100 * np.mean([(lab == label_id).mean() for lab in labels])
+        print(f"{carb.SYNTH_COLORS[label_id][0]:<15}{f'{w:.0f} x {h:.0f}':>12}{cells}{share:>7.2f}%")
+
+
 def save_prediction(mask, image_id, out_dir, formats, data):
     """trainIds [H,W] -> OUT/ID_trainIds.png, ID_labelIds.png (Cityscapes; void -> 0 "unlabeled") and/or
     ID_color.png."""

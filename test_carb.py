@@ -9,6 +9,7 @@ import csv
 import errno
 import functools
 import importlib
+import itertools
 import json
 import math
 import os
@@ -360,6 +361,49 @@ def test_simulated_clip_shape_determinism_and_classifier():
         scores = quiet(image)
         assert scores.shape == (1, C, 12, 20)
         assert scores.argmax(1).eq(train_id).all(), (label_id, scores.argmax(1))
+
+
+def row_runs(mask):
+    """Lengths of the runs of True in each row of a boolean array, by itertools (not eval.runs)."""
+    return [len(list(g)) for row in mask for value, g in itertools.groupby(row) if value]
+
+
+def test_stand_in_is_cityscapes_at_a_quarter_scale():
+    """Scene, crop, window and CLIP patch are each a quarter of Cityscapes' (1024x2048, 512x1024, 512x256, ViT-B/16's
+    16 px), so each is the same fraction of the scene; the rescale range and the window's m are the official ones."""
+    syn, city = carb.DEFAULTS["synthetic"], carb.DEFAULTS["cityscapes"]
+    assert [4 * s for s in syn["base_size"]] == [1024, 2048] and [4 * s for s in syn["crop"]] == [512, 1024]
+    assert [4 * s for s in syn["window"]] == [512, 256] and 4 * carb.SimulatedCLIP().patch == 16
+    assert syn["scale_range"] == city["scale_range"] == (0.5, 2.0) and syn["multiplier"] == (1.0, 1.0)
+    assert evaluation.runs(np.array([[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], bool)).tolist() == [2, 1, 4]
+
+
+def test_stand_in_small_objects_are_as_large_in_patches_as_on_cityscapes():
+    """The median width of each small class's pixel runs, in SimulatedCLIP's 4-px patches, lies where Cityscapes'
+    camera puts the same object at 10-60 m in ViT-B/16's 16-px patches: 2262.5 px * width / d / 16, by hand --
+    pole 0.15 m: 0.35-2.1; traffic light 0.3 m: 0.71-4.2; person 0.5 m: 1.2-7.1; sign 0.6 m: 1.4-8.5."""
+    rng = np.random.default_rng(7)
+    labels = [carb.render_scene(rng, 256, 512)[1] for _ in range(10)]
+    widths = [statistics.median(n for lab in labels for n in row_runs(lab == label_id)) / 4 for label_id in
+              (17, 19, 24, 20)]  # pole, traffic light, person, traffic sign: their physical widths' order
+    for width, (lo, hi) in zip(widths, [(0.35, 2.1), (0.71, 4.2), (1.2, 7.1), (1.4, 8.5)]):
+        assert lo <= width <= hi, widths
+    assert widths == sorted(widths), widths
+
+
+def test_simulated_clip_recovers_small_objects_at_x2():
+    """CLIP's first failure: on rendered val scenes, more pole, traffic light and sign pixels are right in the x2
+    view than in the original -- counted against the scene's own label map, which the scorer never sees."""
+    rng, sim, right = np.random.default_rng([0, True]), carb.SimulatedCLIP(), {1: 0, 2: 0}
+    for _ in range(4):
+        rgb, lab = carb.render_scene(rng, 256, 512)
+        gt = carb.LABEL_TO_TRAIN[torch.from_numpy(lab).long()]
+        labels = (torch.bincount(gt[gt != 255].long(), minlength=C)[:C] > 0).float()  # the scene's classes
+        small = (gt == 5) | (gt == 6) | (gt == 7)  # trainIds of pole, traffic light, traffic sign
+        for scale in right:
+            mask = evaluation.clip_view(sim, torch.from_numpy(rgb).permute(2, 0, 1), labels, scale, 1)
+            right[scale] += (mask[small] == gt[small]).sum().item()
+    assert right[2] > 1.2 * right[1] > 0, right
 
 
 # ---------------------------------------------------------------------------------------------------
