@@ -435,7 +435,8 @@ def geometry(n=20, size=(256, 512), patch=4):
     height of their pixel runs, in pixels and in SimulatedCLIP patches at m = 1, 1.5 and 2 -- and their pixel share."""
     rng = np.random.default_rng([0, False])  # make_synthetic's train scenes
     labels = [carb.render_scene(rng, *size)[1] for _ in range(n)]
-    print(f"{'class':<15}{'w x h px':>12}" + "".join(f"{f'patches, m={m}':>18}" for m in (1, 1.5, 2)) + f"{'pixels':>8}")
+    header = "".join(f"{f'patches, m={m}':>18}" for m in (1, 1.5, 2))
+    print(f"{'class':<15}{'w x h px':>12}{header}{'pixels':>8}")
     for label_id in (17, 19, 20, 24):  # pole, traffic light, traffic sign, person
         w = np.median(np.concatenate([runs(lab == label_id) for lab in labels]))
         h = np.median(np.concatenate([runs((lab == label_id).T) for lab in labels]))
@@ -632,9 +633,10 @@ def main(args):
             print("(synthetic stand-in data: these are not Cityscapes results)")
         if "model TTA" in views:
             print(f"model TTA: scales {' '.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
-        for title, r in results.items():  # mIoU is None only if no GT pixel of the split is labelled
-            print(f"{title} mIoU: {'-' if r['miou'] is None else format(r['miou'], '.2f')}")
+        for title, r in results.items():
             print(f"{title} pixel accuracy: {r['pixel_accuracy']:.2f}")
+        for title, r in results.items():  # last, the paper's numbers; None only if no GT pixel of the split is labelled
+            print(f"{title} mIoU: {'-' if r['miou'] is None else format(r['miou'], '.2f')}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"split": args.split, "images": len(images), "results": results}, f, indent=1)
