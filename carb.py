@@ -262,7 +262,7 @@ class RegionBalancer:
 def train_one_step(model, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
     """One CARB iteration's forward pass and loss; returns (loss, the terms to log). `region_weight` is a
     RegionBalancer or a float; `window` None trains the global view only (the ablation's --no-local-view). A batch
-    of 4 carries the precomputed global pseudo-mask (--global-masks precompute). `tick(phase)`: a Stopwatch."""
+    of 4 carries the precomputed global pseudo-mask (--global-masks precompute). `tick(phase)`: eval.Stopwatch."""
     images, image_labels, valid_hw, *precomputed = (t.to(device, non_blocking=True) for t in batch)
     x = images.float() / 255
     rows, cols = torch.arange(x.shape[-2], device=device), torch.arange(x.shape[-1], device=device)

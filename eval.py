@@ -11,6 +11,8 @@
 --ckpt, --pred-dir and --clip can be combined: each is a column of one table. --vis DIR writes a picture per image,
 --json FILE the numbers. One confusion matrix per column is summed over the split (IoU = tp / (tp + fp + fn));
 classes with neither GT nor predicted pixels are left out of the mean, as in the official Cityscapes evaluation.
+carb.py calls on it too: its validation, pictures and final table; checkpoint checks; --profile's Stopwatch,
+--benchmark, --ablation; the precomputed global masks; and `geometry()`, the stand-in's sizes (README).
 """
 import argparse
 import collections
