@@ -1062,7 +1062,7 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch
                        "--clip-model", trained["clip"],
                        "--cache-dir", tmp_path / "cache", "--workers", 0)
     assert list(results) == ["pseudo-mask", "pseudo-mask x2 2x2"]
-    # the original view, by carb.py's own pseudo-mask evaluation (the route training's final table takes)
+    # the original view, by clip_pseudo_mask (the route of the training pictures' CLIP panel)
     scorer, _ = carb.build_scorer(argparse.Namespace(data="cityscapes", clip_model=str(trained["clip"]),
                                                      dense_clip="maskclip", cache_dir=str(tmp_path / "c2")),
                                   torch.device("cpu"))
@@ -1106,7 +1106,7 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch
         assert got == pytest.approx({name: 100 * v for name, v in ious.items()}), title
         assert results[title]["miou"] == pytest.approx(100 * sum(ious.values()) / 4), title
     assert results["pseudo-mask"]["miou"] == pytest.approx(12.5)
-    # training's final table takes carb.clip_pseudo_mask: the same original-view number
+    # clip_pseudo_mask (the training pictures' CLIP panel) gives the same original-view number
     loader = torch.utils.data.DataLoader(evaluation.EvalSet(*carb.list_split(str(tree), "val")), batch_size=1)
     pseudo = functools.partial(evaluation.clip_pseudo_mask, white_is_sky, num_classes=C)
     assert evaluation.mean_iou(evaluation.evaluate(pseudo, loader, C, torch.device("cpu"))) == pytest.approx(12.5)
