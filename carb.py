@@ -70,12 +70,13 @@ TEMPLATES = [
 ]
 
 def load_clip(name_or_path, device):
-    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt or a state dict): frozen, in eval mode."""
+    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt or a state dict): frozen, in eval mode,
+    fp32 on every device as the official ViT (clip.load keeps fp16 weights on CUDA)."""
     with warnings.catch_warnings():  # clip imports pkg_resources, and torch.jit.load is deprecated: both warn
         warnings.simplefilter("ignore")
         import clip
         try:  # unknown names, offline downloads: RuntimeError, URLError (an OSError); bad files: the others
-            return clip.load(name_or_path, device=device, jit=False)[0].eval().requires_grad_(False)
+            return clip.load(name_or_path, device=device, jit=False)[0].float().eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001  (whatever it is, this file or name is not a CLIP model)
             raise CarbError(f"--clip-model {name_or_path}: cannot load it ({type(e).__name__}: {str(e)[:80]}); pass "
                             f"one of {clip.available_models()}, or (offline) pass its path: OpenAI's .pt file "
@@ -196,14 +197,18 @@ class Segmenter(nn.Module):
                             "put that file in $TORCH_HOME/hub/checkpoints (default ~/.cache/torch) "
                             "or pass --backbone-weights none") from None
         self.register_buffer("text_classifier", text_classifier.float().clone())
-        for m in self.modules():  # MobileNetV3's BN momentum 0.01 suits long ImageNet runs; short runs need the
-            if isinstance(m, nn.BatchNorm2d):  # PyTorch default 0.1 (ResNet's already) for usable eval statistics
-                m.momentum = 0.1
+        for name, m in list(self.named_modules()):
+            if isinstance(m, nn.BatchNorm2d):  # MobileNetV3's BN momentum 0.01 suits long ImageNet runs; short runs
+                m.momentum = 0.1  # need the PyTorch default 0.1 (ResNet's already) for usable eval statistics
+            if isinstance(m, nn.Dropout):  # ASPP's Dropout(0.5): the official head has none (dropout_ratio=0), and
+                self.net.set_submodule(name.removeprefix("net."), nn.Identity())  # CARB's P comes from this pass
 
     def forward(self, images):
         embedding = self.net.classifier(self.net.backbone(images)["out"])  # [B, D, H/8, W/8]
         logits = torch.einsum("bdhw,cd->bchw", embedding, self.text_classifier.to(embedding.dtype))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        # fp32: under bf16 autocast CUDA's backward of this upsampling would sum 256 gradients per stride-8 logit in bf16
+        with torch.autocast(images.device.type, enabled=False):
+            return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 # 4. CARB loss: Consistency-Aware Region Balancing. Self-contained: copy this block; it needs only torch. ---
 def masked_cross_entropy(logits, target, region=None, ignore_index=255):
@@ -422,23 +427,30 @@ def read_image_labels(path, image_paths, data="cityscapes"):
             labels[i, index[name.lower()]] = 1
     return labels
 
-def photometric_distortion(img, g):
-    """mmseg's PhotoMetricDistortion of a float [3,H,W] image in [0,255], each step with probability 1/2: brightness
-    +U(-32,32), contrast xU(0.5,1.5) (before or after the colour), saturation xU(0.5,1.5), hue +U(-18,18) degrees."""
+def photometric_params(g):
+    """mmseg's PhotoMetricDistortion draws, in its order; each step is None (skipped) with probability 1/2:
+    brightness +U(-32,32), contrast xU(0.5,1.5) (before or after the colour), saturation xU(0.5,1.5), hue +d,
+    d an integer in [-18, 17] of OpenCV's 0-180 hue units (2 degrees each: -36 to +34 degrees)."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     coin = lambda: torch.rand((), generator=g).item() < 0.5  # noqa: E731
-    if coin():
-        img = (img + u(-32, 32)).clamp(0, 255)
-    contrast_first = coin()
-    if contrast_first and coin():
-        img = (img * u(0.5, 1.5)).clamp(0, 255)
-    if coin():
-        img = TF.adjust_saturation(img / 255, u(0.5, 1.5)) * 255
-    if coin():
-        img = TF.adjust_hue(img / 255, u(-18, 18) / 180) * 255
-    if not contrast_first and coin():
-        img = (img * u(0.5, 1.5)).clamp(0, 255)
-    return img
+    brightness, contrast_first = u(-32, 32) if coin() else None, coin()
+    contrast = u(0.5, 1.5) if contrast_first and coin() else None
+    saturation = u(0.5, 1.5) if coin() else None
+    hue = torch.randint(-18, 18, (), generator=g).item() if coin() else None  # numpy's randint(-18, 18): to 17
+    contrast = u(0.5, 1.5) if not contrast_first and coin() else contrast
+    return dict(brightness=brightness, contrast=contrast, contrast_first=contrast_first, saturation=saturation,
+                hue=hue)
+
+def photometric_distortion(img, p):
+    """A uint8 [3,H,W] image distorted by photometric_params `p`, each step's result clipped to [0,255] and truncated
+    to uint8 as mmseg's `convert` does; saturation and hue by torchvision on RGB (mmseg: OpenCV's HSV)."""
+    convert = lambda x: x.clamp(0, 255).to(torch.uint8)  # noqa: E731  (np.clip, then astype(np.uint8))
+    contrast = lambda x: convert(x.float() * p["contrast"]) if p["contrast"] is not None else x  # noqa: E731
+    img = convert(img.float() + p["brightness"]) if p["brightness"] is not None else img
+    img = contrast(img) if p["contrast_first"] else img
+    img = TF.adjust_saturation(img, p["saturation"]) if p["saturation"] is not None else img  # uint8 in and out
+    img = TF.adjust_hue(img, p["hue"] / 180) if p["hue"] is not None else img  # d units of 2 degrees: d / 180 turn
+    return img if p["contrast_first"] else contrast(img)
 
 class WeakTrainSet(torch.utils.data.Dataset):
     """Crops (uint8 [3,h,w], padded bottom/right), image-level labels [C] and valid_hw [2] (the image inside the crop),
@@ -466,7 +478,7 @@ class WeakTrainSet(torch.utils.data.Dataset):
         img = img[:, top:top + ch, left:left + cw]
         img = img.flip(-1) if flip else img
         if self.photometric:
-            img = photometric_distortion(img.float(), g).round().to(torch.uint8)
+            img = photometric_distortion(img, photometric_params(g))
         pad = (0, self.crop[1] - cw, 0, self.crop[0] - ch)
         item = (F.pad(img, pad), self.labels[i].float(), torch.tensor([ch, cw]))  # padding is ignored by every loss
         if self.global_masks is None:
@@ -770,7 +782,8 @@ def get_args_parser():
     p.add_argument("--data", choices=list(DEFAULTS), default="synthetic", help="dataset: classes, layout, defaults")
     p.add_argument("--data-root")
     p.add_argument("--image-labels", metavar="FILE", help='JSON {"IMAGE_ID": ["CLASS", ...]}: no train mask is read')
-    p.add_argument("--out", help="run folder: last.pth, best.pth, log.csv, vis/")
+    p.add_argument("--out", help="run folder: last.pth (score this), best.pth (the best val mIoU: picked on "
+                   "val, so optimistic there; for model selection or a held-out split), log.csv, vis/")
     p.add_argument("--iters", type=number(int, 1))
     p.add_argument("--batch-size", type=number(int, 1))
     p.add_argument("--crop", type=number(int, 16), nargs=2, metavar=("H", "W"))

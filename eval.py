@@ -1,12 +1,12 @@
 """eval.py -- judge a carb.py run: the model, saved predictions, CLIP's pseudo-masks; export and pictures.
 
-    python eval.py --data synthetic --ckpt runs/synthetic/best.pth                    # the model on val
-    python eval.py --ckpt RUN/best.pth --flip --scales 0.5 0.75 1.0 1.25 1.5 1.75     # + test-time augmentation
+    python eval.py --data synthetic --ckpt runs/synthetic/last.pth                    # the model on val
+    python eval.py --ckpt RUN/last.pth --flip --scales 0.5 0.75 1.0 1.25 1.5 1.75     # + test-time augmentation
     python eval.py --pred-dir PRED --pred-format labelid                              # saved prediction PNGs
     python eval.py --clip --clip-scale 2 --clip-tiles 2                               # CLIP's pseudo-masks (Fig. 3)
-    python eval.py --data cityscapes --split test --ckpt RUN/best.pth --save-dir SUB  # for the benchmark server
-    python eval.py --images FRAMES --ckpt RUN/best.pth --save-dir OUT                 # any folder of images
-    python eval.py --data camvid --ckpt runs/camvid/best.pth --vis VIS                # CamVid, WildDash2: the same
+    python eval.py --data cityscapes --split test --ckpt RUN/last.pth --save-dir SUB  # for the benchmark server
+    python eval.py --images FRAMES --ckpt RUN/last.pth --save-dir OUT                 # any folder of images
+    python eval.py --data camvid --ckpt runs/camvid/last.pth --vis VIS                # CamVid, WildDash2: the same
 
 --ckpt, --pred-dir and --clip can be combined: each is a column of one table. --vis DIR writes a picture per image,
 --json FILE the numbers. One confusion matrix per column is summed over the split (IoU = tp / (tp + fp + fn));
@@ -52,10 +52,10 @@ def get_args_parser():
     p.add_argument("--split", default="val", help="a folder of leftImg8bit/ (img/ for camvid, wilddash2); scored "
                    "where it has labels (Cityscapes' test split: predicted, not scored)")
     p.add_argument("--images", metavar="DIR", help="instead of a split: every .png/.jpg in DIR (no ground truth)")
-    p.add_argument("--ckpt", help="score (or predict with) a carb.py checkpoint, e.g. RUN/best.pth")
+    p.add_argument("--ckpt", help="score (or predict with) a carb.py checkpoint, e.g. RUN/last.pth")
     p.add_argument("--flip", action="store_true", help="test-time augmentation: also the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="test-time augmentation: scales whose softmax is averaged, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
+                   help="test-time augmentation: scales whose logits are summed, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
     p.add_argument("--pred-dir", help="score saved prediction PNGs, found by the image id (e.g. city_seq_frame) in "
                    "the name")
     p.add_argument("--pred-format", choices=["trainid", "labelid"],
@@ -175,7 +175,7 @@ def list_images(folder):
 def load_checkpoint(path, flag="--ckpt"):
     """A carb.py checkpoint, loaded with weights_only=True (tensors and plain data; no code is unpickled)."""
     if not os.path.isfile(path):
-        raise carb.CarbError(f"{flag} {path} not found: pass RUN/last.pth or RUN/best.pth of a carb.py run")
+        raise carb.CarbError(f"{flag} {path} not found: pass RUN/last.pth (or RUN/best.pth) of a carb.py run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -244,19 +244,20 @@ def load_model(path, device, data=None):
 
 @torch.no_grad()
 def predict_tta(model, images, scales=(1.0,), flip=False):
-    """Test-time augmentation, as mmseg's aug_test: the softmax averaged over the scales and (with flip) their
-    mirror images, each resized back to the image first. uint8 images [B,3,H,W] -> trainIds [B,H,W]."""
+    """Test-time augmentation, as CARB's fork of mmseg's aug_test: the raw logits (its inference() has the softmax
+    commented out) summed over the scales and (with flip) their mirror images, each resized back to the image first.
+    uint8 images [B,3,H,W] -> trainIds [B,H,W]."""
     x = TF.normalize(images.float() / 255, carb.IMAGENET_MEAN, carb.IMAGENET_STD)
     H, W = x.shape[-2:]
-    probs = 0
+    total = 0
     for s in scales:
         xs = x if s == 1 else F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear", align_corners=False)
         for flipped in (False, True)[:1 + flip]:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
                 logits = model(xs.flip(-1) if flipped else xs)
             logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
-            probs = probs + (logits.flip(-1) if flipped else logits).softmax(1)
-    return probs.argmax(1)
+            total = total + (logits.flip(-1) if flipped else logits)
+    return total.argmax(1)
 
 
 def id_in(name, wanted):
@@ -497,9 +498,12 @@ BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="res
 
 def ablation(argv):
     """carb.py --ablation: every ABLATION variant with each seed, the same budget, through carb.main(); a table."""
-    given, args = carb.get_args_parser().parse_args(argv), carb.parse_args(argv)  # as given; with the defaults
+    given = carb.get_args_parser().parse_args(argv)  # as given; then with the defaults (the ablation sets
+    args = carb.parse_args(argv + ["--carb-start", "0"])  # --carb-start itself, below)
     iters = given.iters or ABLATION_ITERS.get(args.data, args.iters)
-    carb_start = given.carb_start if given.carb_start is not None else round(iters * 16000 / 30000)  # official ratio
+    official = carb.DEFAULTS[args.data]  # the dataset's own warm-up ratio: Cityscapes 16000/30000, CamVid 4000/12000
+    carb_start = given.carb_start if given.carb_start is not None else round(iters * official["carb_start"] /
+                                                                              official["iters"])
     names = carb.DATASETS[args.data].classes
     small = [c for c, n in enumerate(names) if n.lower() in ("traffic light", "traffic sign", "pole", "signsymbol")]
     results = {}  # (variant, seed) -> [mIoU, the small classes' IoUs...]
@@ -529,10 +533,9 @@ def benchmark(args, steps=3):
     device, (H, W), B, C = torch.device(args.device), args.crop, args.batch_size, len(carb.CLASS_NAMES)
     torch.manual_seed(args.seed)
     clip_model = clip.model.build_model(clip.model.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12).state_dict())
-    clip_model = clip_model.to(device).requires_grad_(False)  # ViT-B/16's shapes; fp16 on a GPU, as clip.load
+    clip_model = clip_model.to(device).float().requires_grad_(False)  # ViT-B/16's shapes; fp32, as carb.load_clip
     classifier = F.normalize(torch.randn(C, 512), dim=-1)
-    scorer = functools.partial(carb.maskclip_scores, clip_model.float() if device.type == "cpu" else clip_model,
-                               text_classifier=classifier.to(device))
+    scorer = functools.partial(carb.maskclip_scores, clip_model, text_classifier=classifier.to(device))
     model, optimizer, balancer = carb.make_model(args, classifier, device)
     batch = (torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), (torch.rand(B, C) < 0.5).float(),
              torch.tensor([[H, W]] * B))

@@ -238,6 +238,14 @@ def test_load_clip_unknown_name_or_missing_file_is_named(name, tmp_path):
         carb.load_clip(name, "cpu")
 
 
+def test_clip_runs_in_fp32_even_where_clip_load_gives_fp16(tiny_clip_path, monkeypatch):
+    """On CUDA clip.load keeps fp16 weights; the official ViT runs in fp32, and so does carb's, on every device."""
+    load = clip.load
+    monkeypatch.setattr(clip, "load", lambda *a, **k: (load(*a, **k)[0].half(), None))  # as clip.load on CUDA
+    model = carb.load_clip(str(tiny_clip_path), "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_text_classifier_matches_hand_computed_prompt_ensemble(tiny_clip):
     classifier = carb.text_classifier(tiny_clip, ["car", "tree"])
     assert classifier.shape == (2, 32)
@@ -457,6 +465,36 @@ def test_segmenter_logits_are_the_embedding_dot_text_classifier():
     expected = F.interpolate(by_hand[None], size=(32, 32), mode="bilinear", align_corners=False)
     assert torch.allclose(logits, expected, atol=1e-5)
     assert "text_classifier" in dict(model.named_buffers()) and "text_classifier" not in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("backbone", list(carb.BACKBONES))
+def test_segmenter_has_no_dropout_two_train_forwards_are_equal(backbone):
+    """The official ASPPHeadV2 has no dropout (dropout_ratio=0): CARB's P, taken from the training forward, must not
+    be random. BatchNorm's running statistics are frozen (momentum 0); train mode still uses the batch's."""
+    torch.manual_seed(0)
+    model = carb.Segmenter(backbone, F.normalize(torch.randn(C, 16), dim=-1)).train()
+    assert not [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_segmenter_upsamples_the_logits_in_fp32_under_bf16_autocast():
+    """CUDA's bf16 backward of bilinear upsampling sums in bf16; carb upsamples in fp32. Shown under CPU autocast."""
+    torch.manual_seed(0)
+    classifier = F.normalize(torch.randn(C, 24), dim=-1)
+    model = carb.Segmenter("mobilenet_v3_stride8", classifier).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        embedding = model.net.classifier(model.net.backbone(x)["out"])
+    assert embedding.dtype == torch.bfloat16 and logits.dtype == torch.float32  # the network in bf16, not its output
+    low = torch.einsum("bdhw,cd->bchw", embedding, classifier.to(torch.bfloat16)).float()
+    expected = F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(logits, expected, atol=1e-6)
 
 # ---------------------------------------------------------------------------------------------------
 # 5. CARB loss
@@ -734,19 +772,20 @@ class FixedLogits(nn.Module):
         return F.interpolate(logits[None], size=x.shape[-2:], mode="nearest")
 
 
-def test_predict_flip_averages_softmax():
-    # one 1x2 image; logits (4, 0, 3.5) left and (0, 4, 3.5) right: class 0 left, 1 right. The mirrored view puts
-    # them the other way round, so each pixel averages both: softmax gives (0.313, 0.313, 0.373) -> class 2
-    model = FixedLogits({1: [[[4.0, 0.0]], [[0.0, 4.0]], [[3.5, 3.5]]]})
+def test_predict_flip_sums_logits_as_carbs_aug_test():
+    # one 1x2 image; logits (5, 0, 4) left and (0, 5, 4.5) right: class 0 left, 1 right. The mirrored view puts them
+    # the other way round, so each pixel gets both. Summed logits (CARB's fork): (5, 5, 8.5) -> class 2. Averaged
+    # softmax (mmseg's own) would give (0.365, 0.313, 0.322) -> class 0.
+    model = FixedLogits({1: [[[5.0, 0.0]], [[0.0, 5.0]], [[4.0, 4.5]]]})
     images = torch.zeros(1, 3, 1, 2, dtype=torch.uint8)
     assert evaluation.predict_tta(model, images).tolist() == [[[0, 1]]]
     assert evaluation.predict_tta(model, images, flip=True).tolist() == [[[2, 2]]]
     assert model.seen == [(1, 2), (1, 2), (1, 2)]
 
 
-def test_predict_scales_resize_and_average():
-    # at full size the model says (3, 0, 2.5), at half size (0, 3, 2.5): averaged softmax (0.317, 0.317, 0.366)
-    model = FixedLogits({4: [[[3.0]], [[0.0]], [[2.5]]], 2: [[[0.0]], [[3.0]], [[2.5]]]})
+def test_predict_scales_resize_and_sum_logits():
+    # at full size the model says (5, 0, 4), at half size (0, 5, 4.5): summed (5, 5, 8.5) -> 2 (softmax: 0)
+    model = FixedLogits({4: [[[5.0]], [[0.0]], [[4.0]]], 2: [[[0.0]], [[5.0]], [[4.5]]]})
     out = evaluation.predict_tta(model, torch.zeros(1, 3, 4, 6, dtype=torch.uint8), scales=(1.0, 0.5))
     assert model.seen == [(4, 6), (2, 3)]
     assert out.shape == (1, 4, 6) and (out == 2).all()
@@ -1145,6 +1184,16 @@ def test_missing_data_root_is_a_one_line_error(tmp_path):
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("carb.py: error:") and "--data-root" in lines[0] and str(missing) in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_val_is_scored_on_last_pth_as_the_official_test_script():
+    """best.pth is picked by val mIoU, so scoring it on val is optimistic; official tools/test.sh scores latest.pth."""
+    for name in ("README.md", "eval.py"):
+        text = open(os.path.join(REPO, name)).read()
+        commands = [line for line in text.splitlines() if "--ckpt" in line and "python eval.py" in line]
+        assert commands and all("best.pth" not in line for line in commands), name
+    help_text = carb.get_args_parser().format_help()
+    assert "best.pth (the best val mIoU" in help_text and "optimistic" in help_text
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -1642,6 +1691,35 @@ def write_flat_tree(root, data, h=64, w=128):
             Image.fromarray(image).save(root / "img" / split / f"f_00{n}{image_end}")
             Image.fromarray(lab).save(root / "mask" / split / f"f_00{n}{label_end}")
     return root
+
+
+def test_wilddash2_pseudo_masks_can_hold_all_25_classes(tiny_clip_path, tmp_path):
+    """Deviation: the official wilddash2 config gives CLIP range(19) of its 25 classes; carb gives it all 25."""
+    args = carb.parse_args(["--data", "wilddash2", "--clip-model", str(tiny_clip_path), "--device", "cpu",
+                            "--cache-dir", str(tmp_path)])
+    scorer, classifier = carb.build_scorer(args, torch.device("cpu"))
+    assert classifier.shape[0] == 25
+    scores = scorer(torch.randn(1, 3, 32, 48)).clone()
+    assert scores.shape == (1, 25, 2, 3)
+    labels = torch.zeros(1, 25)
+    labels[0, [3, 24]] = 1  # building and road marking
+    scores[0, 24] = scores[0, 3] + 1  # road marking ahead of building everywhere: every pixel is class 24
+    assert (carb.pseudo_mask(scores, labels, (32, 48)) == 24).all()
+
+
+@pytest.mark.parametrize("data, iters, carb_start", [("camvid", 12, 4), ("cityscapes", 30, 16), ("synthetic", 400, 213)])
+def test_ablation_starts_carb_at_each_datasets_official_ratio(data, iters, carb_start, tmp_path, monkeypatch):
+    # CamVid's config: warmup_iter 4000 of 12000 iterations; Cityscapes': 16000 of 30000; synthetic: 213 of 400
+    starts = []
+
+    def fake_main(args):
+        starts.append(args.carb_start)
+        classes = {n: {"iou": 50.0} for n in carb.DATASETS[args.data].classes}
+        return {"pseudo-mask": {"miou": 40.0}, "model": {"miou": 50.0, "classes": classes}}
+
+    monkeypatch.setattr(carb, "main", fake_main)
+    evaluation.ablation([str(a) for a in ["--data", data, "--iters", iters, "--out", tmp_path / "a", "--ablation"]])
+    assert set(starts) == {iters, carb_start}  # (a), (b): never (ITERS); the others: the official ratio
 
 
 def test_class_tables_and_palettes():
@@ -2340,15 +2418,42 @@ def test_best_checkpoint_holds_the_best_validation_and_survives_a_resume(trained
     assert last["best_miou"] == pytest.approx(max(vals.values())) and last["iteration"] == 8
 
 
-def test_photometric_distortion_stays_in_its_ranges_and_changes_pixels():
-    # a grey image has no saturation or hue to change: only brightness +U(-32, 32) and contrast xU(0.5, 1.5) act, so
-    # every pixel stays equal to the others and within [(128 - 32) * 0.5, (128 + 32) * 1.5] = [48, 240]
-    grey, changed = torch.full((3, 4, 6), 128.0), 0
-    for seed in range(40):
-        out = carb.photometric_distortion(grey.clone(), torch.Generator().manual_seed(seed))
-        assert (out == out.flatten()[0]).all() and 48 - 1e-3 <= out.min() and out.max() <= 240 + 1e-3
-        changed += not torch.equal(out, grey)
-    assert changed >= 30  # each of the two steps applies with probability 1/2 (the hue and saturation steps too)
-    colour = torch.tensor([200.0, 60.0, 30.0])[:, None, None].expand(3, 4, 6).clone()
-    outs = [carb.photometric_distortion(colour.clone(), torch.Generator().manual_seed(s)) for s in range(20)]
-    assert all(0 <= o.min() and o.max() <= 255 for o in outs) and any(not torch.equal(o, colour) for o in outs)
+def mmseg_convert(x, alpha=1.0, beta=0.0):
+    """mmseg's PhotoMetricDistortion.convert, as written there: float32, scale and shift, clip, astype(np.uint8)."""
+    return np.clip(np.asarray(x, np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def test_photometric_distortion_truncates_after_every_step_as_mmseg():
+    grey = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    p = dict(brightness=10.7, contrast=1.37, contrast_first=True, saturation=None, hue=None)
+    expected = mmseg_convert(mmseg_convert(100, beta=10.7), alpha=1.37)  # 110, then 150 (rounding once: 152)
+    assert int(expected) == 150
+    assert (carb.photometric_distortion(grey, p) == 150).all()
+    p = dict(brightness=-120.0, contrast=0.5, contrast_first=False, saturation=None, hue=None)  # clipped, then scaled
+    assert (carb.photometric_distortion(grey, p) == 0).all()
+    p = dict(brightness=None, contrast=2.0, contrast_first=False, saturation=None, hue=None)
+    assert (carb.photometric_distortion(torch.full((3, 1, 1), 200, dtype=torch.uint8), p) == 255).all()
+
+
+def test_photometric_hue_is_an_integer_shift_in_opencv_units():
+    # the draws: mmseg's numpy randint(-18, 18) (hue_delta 18, in 0-180 units), whose upper end is exclusive
+    draws = [carb.photometric_params(torch.Generator().manual_seed(s))["hue"] for s in range(400)]
+    draws = [d for d in draws if d is not None]
+    assert 120 < len(draws) < 280 and set(draws) == set(range(-18, 18))
+    # d = 18 units is 36 degrees: pure red becomes the colour of hue 36 degrees, by colorsys
+    import colorsys
+    red = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
+    out = carb.photometric_distortion(red, dict(brightness=None, contrast=None, contrast_first=True, saturation=None,
+                                                hue=18))
+    assert out.flatten().tolist() == [round(255 * v) for v in colorsys.hsv_to_rgb(36 / 360, 1, 1)]  # 255, 153, 0
+
+
+def test_photometric_params_follow_mmsegs_ranges_and_coins():
+    ps = [carb.photometric_params(torch.Generator().manual_seed(s)) for s in range(400)]
+    for key, lo, hi in (("brightness", -32, 32), ("contrast", 0.5, 1.5), ("saturation", 0.5, 1.5)):
+        values = [p[key] for p in ps if p[key] is not None]
+        assert 120 < len(values) < 280 and lo <= min(values) and max(values) <= hi  # each step: probability 1/2
+    assert 120 < sum(p["contrast_first"] for p in ps) < 280
+    grey = torch.full((3, 4, 6), 128, dtype=torch.uint8)
+    outs = [carb.photometric_distortion(grey, p) for p in ps[:20]]
+    assert all(o.dtype == torch.uint8 for o in outs) and any(not torch.equal(o, grey) for o in outs)
