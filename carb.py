@@ -70,13 +70,13 @@ TEMPLATES = [
 ]
 
 def load_clip(name_or_path, device):
-    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt or a state dict): frozen, in eval mode,
-    fp32 on every device as the official ViT (clip.load keeps fp16 weights on CUDA)."""
+    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt or a state dict): frozen, eval, fp32."""
     with warnings.catch_warnings():  # clip imports pkg_resources, and torch.jit.load is deprecated: both warn
         warnings.simplefilter("ignore")
         import clip
         try:  # unknown names, offline downloads: RuntimeError, URLError (an OSError); bad files: the others
-            return clip.load(name_or_path, device=device, jit=False)[0].float().eval().requires_grad_(False)
+            model = clip.load(name_or_path, device=device, jit=False)[0]  # fp16 on CUDA; the official ViT is fp32
+            return model.float().eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001  (whatever it is, this file or name is not a CLIP model)
             raise CarbError(f"--clip-model {name_or_path}: cannot load it ({type(e).__name__}: {str(e)[:80]}); pass "
                             f"one of {clip.available_models()}, or (offline) pass its path: OpenAI's .pt file "
@@ -200,13 +200,13 @@ class Segmenter(nn.Module):
         for name, m in list(self.named_modules()):
             if isinstance(m, nn.BatchNorm2d):  # MobileNetV3's BN momentum 0.01 suits long ImageNet runs; short runs
                 m.momentum = 0.1  # need the PyTorch default 0.1 (ResNet's already) for usable eval statistics
-            if isinstance(m, nn.Dropout):  # ASPP's Dropout(0.5): the official head has none (dropout_ratio=0), and
-                self.net.set_submodule(name.removeprefix("net."), nn.Identity())  # CARB's P comes from this pass
+            if isinstance(m, nn.Dropout):  # ASPP's Dropout(0.5): the official head has none, and CARB's P comes
+                self.net.set_submodule(name.removeprefix("net."), nn.Identity())  # from this training forward
 
     def forward(self, images):
         embedding = self.net.classifier(self.net.backbone(images)["out"])  # [B, D, H/8, W/8]
         logits = torch.einsum("bdhw,cd->bchw", embedding, self.text_classifier.to(embedding.dtype))
-        # fp32: under bf16 autocast CUDA's backward of this upsampling would sum 256 gradients per stride-8 logit in bf16
+        # fp32: under bf16 autocast, CUDA's backward of this upsampling sums 256 gradients per logit in bf16
         with torch.autocast(images.device.type, enabled=False):
             return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -428,9 +428,9 @@ def read_image_labels(path, image_paths, data="cityscapes"):
     return labels
 
 def photometric_params(g):
-    """mmseg's PhotoMetricDistortion draws, in its order; each step is None (skipped) with probability 1/2:
-    brightness +U(-32,32), contrast xU(0.5,1.5) (before or after the colour), saturation xU(0.5,1.5), hue +d,
-    d an integer in [-18, 17] of OpenCV's 0-180 hue units (2 degrees each: -36 to +34 degrees)."""
+    """mmseg's PhotoMetricDistortion draws, in its order, each None (skipped) with probability 1/2: brightness
+    +U(-32,32), contrast xU(0.5,1.5) (before or after the colour), saturation xU(0.5,1.5), hue +randint[-18, 17]
+    in OpenCV's 0-180 units (2 degrees each)."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     coin = lambda: torch.rand((), generator=g).item() < 0.5  # noqa: E731
     brightness, contrast_first = u(-32, 32) if coin() else None, coin()
@@ -438,8 +438,7 @@ def photometric_params(g):
     saturation = u(0.5, 1.5) if coin() else None
     hue = torch.randint(-18, 18, (), generator=g).item() if coin() else None  # numpy's randint(-18, 18): to 17
     contrast = u(0.5, 1.5) if not contrast_first and coin() else contrast
-    return dict(brightness=brightness, contrast=contrast, contrast_first=contrast_first, saturation=saturation,
-                hue=hue)
+    return dict(brightness=brightness, contrast=contrast, contrast_first=contrast_first, saturation=saturation, hue=hue)
 
 def photometric_distortion(img, p):
     """A uint8 [3,H,W] image distorted by photometric_params `p`, each step's result clipped to [0,255] and truncated
