@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import re
 import shlex
 import signal
@@ -95,23 +96,21 @@ def text_classifier(clip_model, class_names):
 
 DENSE_CLIP = ["maskclip", "sclip", "clearclip", "naclip"]  # last-block variants of maskclip_scores
 
-def neighbourhood(gh, gw, sigma=5.0):
+@functools.lru_cache(maxsize=16)
+def neighbourhood(gh, gw, device="cpu", sigma=5.0):
     """NACLIP's attention bias: Omega_ij = exp(-|p_i - p_j|^2 / 2 sigma^2) for patches at grid positions p_i, p_j
-    (row, column; sigma in patches); 0 in the CLS token's row and column. [N+1, N+1]."""
+    (row, column; sigma in patches); 0 in the CLS token's row and column. [N+1, N+1], made once per grid and device."""
     grid = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"), -1).reshape(-1, 2).float()
-    return F.pad(torch.exp(-torch.cdist(grid, grid) ** 2 / (2 * sigma ** 2)), (1, 0, 1, 0))
+    return F.pad(torch.exp(-torch.cdist(grid, grid) ** 2 / (2 * sigma ** 2)), (1, 0, 1, 0)).to(device)
 
 @torch.inference_mode()
 def maskclip_scores(clip_model, images, text_classifier, variant="maskclip"):
     """Dense CLIP scores: images [B,3,H,W], CLIP-normalized -> cosine similarities [B,C,H/16,W/16].
 
     The ViT runs as trained, its positional embedding resized (bicubic) to the input's patch grid, up to its last
-    block. There, with x the tokens (CLS first), q, k, v = in_proj(ln_1(x)) per head and s = head_dim^-0.5:
-      maskclip (CARB's)  y = x + out_proj(v);                                   y = y + mlp(ln_2(y))
-      sclip              y = x + out_proj((softmax(s q q^T) + softmax(s k k^T)) v); y = y + mlp(ln_2(y))
-      clearclip          y = out_proj(softmax(s q q^T) v)                       (no residual, no MLP)
-      naclip             y = out_proj(softmax(s k k^T + Omega) v)               (Omega: `neighbourhood`)
-    Each patch then goes through ln_post and the visual projection, as CLIP's class token does."""
+    block. There MaskCLIP (CARB's) keeps the value path alone, so each patch keeps its own content: with x the tokens
+    (CLS first) and v = the value projection of ln_1(x), y = x + out_proj(v); y = y + mlp(ln_2(y)). Each patch then
+    goes through ln_post and the visual projection, as CLIP's class token does. Other variants: `dense_clip_block`."""
     vit = clip_model.visual
     p = vit.conv1.kernel_size[0]
     H, W = images.shape[-2:]
@@ -129,23 +128,33 @@ def maskclip_scores(clip_model, images, text_classifier, variant="maskclip"):
     *blocks, last = vit.transformer.resblocks
     for block in blocks:
         x = block(x)
-    q, k, v = F.linear(last.ln_1(x), last.attn.in_proj_weight, last.attn.in_proj_bias).chunk(3, dim=-1)
-    if variant == "maskclip":  # the value path alone: each patch keeps its own content
+    if variant == "maskclip":  # q and k are not needed: only the value third of the input projection
+        v = F.linear(last.ln_1(x), *(t.chunk(3)[2] for t in (last.attn.in_proj_weight, last.attn.in_proj_bias)))
         y = x + last.attn.out_proj(v)
-    else:  # patches attend to patches like them, per head, as nn.MultiheadAttention splits them
-        hd = x.shape[-1] // last.attn.num_heads
-        q, k, v = (t.reshape(t.shape[0], -1, hd).transpose(0, 1) for t in (q, k, v))  # [B*heads, N+1, hd]
-        attend = lambda a, b, bias=0: torch.softmax(a @ b.transpose(1, 2) * hd ** -0.5 + bias, -1)  # noqa: E731
-        A = {"sclip": lambda: attend(q, q) + attend(k, k), "clearclip": lambda: attend(q, q),
-             "naclip": lambda: attend(k, k, neighbourhood(gh, gw).to(x))}[variant]()
-        y = last.attn.out_proj((A @ v).transpose(0, 1).reshape(x.shape))
-        y = x + y if variant == "sclip" else y
-    if variant in ("maskclip", "sclip"):
         y = y + last.mlp(last.ln_2(y))
+    else:
+        y = dense_clip_block(last, x, variant, (gh, gw))
     x = vit.ln_post(y[1:].permute(1, 0, 2)) @ vit.proj  # patches only: [B, N, D]
     x = F.normalize(x.float(), dim=-1)
     scores = x @ text_classifier.to(x.device, torch.float32).t()  # [B, N, C]
     return scores.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
+
+def dense_clip_block(last, x, variant, grid):
+    """--dense-clip: later training-free last blocks, where patches attend to patches like them. x [N+1, B, width];
+    per head q, k, v = in_proj(ln_1(x)) as nn.MultiheadAttention splits them, A(a, b) = softmax(a b^T / sqrt(d)):
+      sclip       y = x + out_proj((A(q, q) + A(k, k)) v); y = y + mlp(ln_2(y))
+      clearclip   y = out_proj(A(q, q) v)                  (no residual, no MLP)
+      naclip      y = out_proj(softmax(k k^T / sqrt(d) + Omega) v)   (Omega: `neighbourhood`)"""
+    qkv = F.linear(last.ln_1(x), last.attn.in_proj_weight, last.attn.in_proj_bias)
+    q, k, v = (t.reshape(*x.shape[:2], last.attn.num_heads, -1).permute(1, 2, 0, 3) for t in qkv.chunk(3, dim=-1))
+    attend = functools.partial(F.scaled_dot_product_attention, value=v)  # [B, heads, N+1, head_dim]
+    y = {"sclip": lambda: attend(q, q) + attend(k, k), "clearclip": lambda: attend(q, q),
+         "naclip": lambda: attend(k, k, attn_mask=neighbourhood(*grid, x.device).to(x.dtype))}[variant]()
+    y = last.attn.out_proj(y.permute(2, 0, 1, 3).reshape(x.shape))
+    if variant == "sclip":
+        y = x + y
+        y = y + last.mlp(last.ln_2(y))
+    return y
 
 def pseudo_mask(scores, image_labels, size):
     """scores [B,C,h,w] -> [B,H,W] long: bilinear upsampling, then argmax over each image's labelled classes only (an
@@ -217,27 +226,28 @@ def masked_cross_entropy(logits, target, region=None, ignore_index=255):
     region = (target != ignore_index) if region is None else region
     return (ce * region).sum() / region.sum().clamp(min=1)
 
-def carb_loss(logits, pseudo_mask, image_labels, weight):
-    """logits [B,C,H,W]; pseudo_mask [B,H,W] (255 = ignore); image_labels [B,C] in {0,1}.
-
-    prediction   P = argmax of the logits over each image's labelled classes
-    consistent   R_c = {pixels: pseudo_mask == P}, inconsistent R_i = the other non-ignored pixels
-    loss         L = CE(R_c) + w * CE(R_i)      (CE = mean cross-entropy over the region, 0 if empty)
-    `weight` is a float or a callable w(CE(R_c), CE(R_i)) -- e.g. a RegionBalancer -- called with this call's
-    detached values, so the current iteration counts. Returns (L, CE(R_c).detach(), CE(R_i).detach())."""
+def carb_regions(logits, pseudo_mask, image_labels):
+    """logits [B,C,H,W]; pseudo_mask [B,H,W] (255 = ignore); image_labels [B,C] in {0,1} -> (R_c, R_i) [B,H,W] bool.
+    prediction P = argmax of the logits over each image's labelled classes; R_c = {pseudo_mask == P}, R_i = the
+    other non-ignored pixels."""
     with torch.no_grad():
         absent = image_labels[:, :, None, None] == 0
         prediction = logits.detach().masked_fill(absent, float("-inf")).argmax(1)
         valid = pseudo_mask != 255
         consistent = valid & (pseudo_mask == prediction)
-        inconsistent = valid & ~consistent
+        return consistent, valid & ~consistent
+
+def region_losses(logits, pseudo_mask, image_labels):
+    """(CE(R_c), CE(R_i), R_c, R_i): the mean cross-entropy over each region (0 if it is empty), from one CE map."""
+    consistent, inconsistent = carb_regions(logits, pseudo_mask, image_labels)
     ce = torch.nn.functional.cross_entropy(logits.float(), pseudo_mask, ignore_index=255, reduction="none")
-    consistent_ce = (ce * consistent).sum() / consistent.sum().clamp(min=1)  # one CE map for both regions
-    inconsistent_ce = (ce * inconsistent).sum() / inconsistent.sum().clamp(min=1)
-    if callable(weight):
-        weight = weight(consistent_ce.detach(), inconsistent_ce.detach())
-    loss = consistent_ce + weight * inconsistent_ce
-    return loss, consistent_ce.detach(), inconsistent_ce.detach()
+    return ((ce * consistent).sum() / consistent.sum().clamp(min=1),
+            (ce * inconsistent).sum() / inconsistent.sum().clamp(min=1), consistent, inconsistent)
+
+def carb_loss(logits, pseudo_mask, image_labels, w):
+    """The CARB loss L = CE(R_c) + w * CE(R_i) for a float w (a RegionBalancer's, or fixed): a pure function."""
+    consistent_ce, inconsistent_ce, _, _ = region_losses(logits, pseudo_mask, image_labels)
+    return consistent_ce + w * inconsistent_ce
 
 class RegionBalancer:
     """Adaptive region weight: w = coeff * mean(last `window` CE(R_c)) / mean(last `window` CE(R_i)).
@@ -248,7 +258,8 @@ class RegionBalancer:
         self.coeff, self.window, self.weight = coeff, window, coeff
         self.consistent, self.inconsistent = [], []
 
-    def __call__(self, consistent_ce, inconsistent_ce):
+    def update(self, consistent_ce, inconsistent_ce):
+        """Queue one iteration's CE(R_c) and CE(R_i) (floats or tensors, read without their graph); return w."""
         self.consistent = (self.consistent + [float(consistent_ce)])[-self.window:]
         self.inconsistent = (self.inconsistent + [float(inconsistent_ce)])[-self.window:]
         mean_c = sum(self.consistent) / len(self.consistent)
@@ -264,10 +275,11 @@ class RegionBalancer:
         self.__dict__.update(state)
 
 # 5. One training step ------------------------------------------------------------------------------
-def train_one_step(model, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
-    """One CARB iteration's forward pass and loss; returns (loss, the terms to log). `region_weight` is a
-    RegionBalancer or a float; `window` None trains the global view only (the ablation's --no-local-view). A batch
-    of 4 carries the precomputed global pseudo-mask (--global-masks precompute). `tick(phase)`: eval.Stopwatch."""
+def train_one_step(model, optimizer, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
+    """One whole CARB iteration, as torchvision's train_one_epoch does one batch: pseudo-masks, forward, both views'
+    losses, zero_grad, backward, optimizer step. `region_weight`: a RegionBalancer (adaptive w) or a float (fixed w);
+    `window` None trains the global view only (the ablation's --no-local-view). A batch of 4 carries the precomputed
+    global pseudo-mask (--global-masks precompute). `tick(phase)`: the --profile Stopwatch. Returns the log figures."""
     images, image_labels, valid_hw, *precomputed = (t.to(device, non_blocking=True) for t in batch)
     x = images.float() / 255
     rows, cols = torch.arange(x.shape[-2], device=device), torch.arange(x.shape[-1], device=device)
@@ -282,9 +294,9 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device,
         global_mask = pseudo_mask(scorer(clip_x), image_labels, x.shape[-2:]).masked_fill(padded, 255)
     tick("CLIP global")
     if window is not None:
-        top, left, h, w, _ = window
+        top, left, height, width, _ = window
         local_mask = local_pseudo_mask(scorer, clip_x, image_labels, window)
-        local_mask = local_mask.masked_fill(padded[:, top:top + h, left:left + w], 255)
+        local_mask = local_mask.masked_fill(padded[:, top:top + height, left:left + width], 255)
     tick("CLIP local")
 
     seg_x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
@@ -294,27 +306,36 @@ def train_one_step(model, scorer, batch, window, carb_on, region_weight, device,
         logits = model(seg_x)
     tick("segmentation forward+backward")
 
-    with torch.no_grad():  # for the log (the paper's Fig. 5): R_c and R_i of the global view, as carb_loss draws them
-        prediction = logits.clone(memory_format=torch.channels_last)  # a faster argmax, as in pseudo_mask
-        prediction = prediction.masked_fill_(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
-        valid = global_mask != 255
-        n = max(valid.sum().item(), 1)
-        logs = {"consistent": (valid & (prediction == global_mask)).sum().item() / n,
-                "inconsistent": (valid & (prediction != global_mask)).sum().item() / n}
-    if carb_on:
-        loss, ce_c, ce_i = carb_loss(logits, global_mask, image_labels, region_weight)  # feeds a balancer
-        weight = region_weight.weight if isinstance(region_weight, RegionBalancer) else region_weight
-        logs |= {"ce_c": ce_c.item(), "ce_i": ce_i.item(), "w": weight}
-    else:  # warm-up: plain cross-entropy
-        loss = masked_cross_entropy(logits, global_mask)
-    logs["global"] = loss.item()
-    if window is not None:  # the window's logits also learn from the local mask, with the same region weight
-        local_logits = logits[:, :, top:top + h, left:left + w]
-        loss_l = (carb_loss(local_logits, local_mask, image_labels, weight)[0] if carb_on
-                  else masked_cross_entropy(local_logits, local_mask))
-        logs["local"] = loss_l.item()
-        loss = loss + loss_l
-    return loss, logs
+    # L = CE(R_c) + w CE(R_i) + CE(R_c^local) + w CE(R_i^local); warm-up: CE of each view
+    if carb_on:  # this iteration's CEs enter the balancer's queue before w is read, as in the official head
+        consistent_ce, inconsistent_ce, consistent, inconsistent = region_losses(logits, global_mask, image_labels)
+        w = region_weight.update(consistent_ce, inconsistent_ce) if isinstance(region_weight, RegionBalancer) \
+            else region_weight
+        loss = consistent_ce + w * inconsistent_ce
+        logs = {"ce_c": consistent_ce, "ce_i": inconsistent_ce, "w": torch.tensor(w)}
+    else:  # the regions are still drawn, for the log alone (the paper's Fig. 5)
+        consistent, inconsistent = carb_regions(logits, global_mask, image_labels)
+        loss, logs = masked_cross_entropy(logits, global_mask), {}
+    logs["global"] = loss
+    if window is not None:  # the window's logits learn from the local mask with the global view's w (never queued)
+        local_logits = logits[:, :, top:top + height, left:left + width]
+        local_loss = carb_loss(local_logits, local_mask, image_labels, w) if carb_on \
+            else masked_cross_entropy(local_logits, local_mask)
+        logs["local"] = local_loss
+        loss = loss + local_loss
+    labelled = (global_mask != 255).sum().clamp(min=1)
+    logs |= {"consistent": consistent.sum() / labelled, "inconsistent": inconsistent.sum() / labelled}
+    logs = dict(zip(logs, torch.stack([v.detach().float().to(device) for v in logs.values()]).tolist()))  # one sync
+    tick("CARB loss and balancer")
+    if not math.isfinite(logs["global"] + logs.get("local", 0.0)):
+        raise CarbError("non-finite loss (" + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()) + "): lower --lr, "
+                        "or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    tick("segmentation forward+backward")
+    optimizer.step()
+    tick("optimizer")
+    return logs
 
 # 6. Data: Cityscapes, CamVid, WildDash2; image-level labels only (the experiment, after the method) ---
 # The 19 evaluation classes and the labelId -> trainId map, from the table torchvision ships.
@@ -501,6 +522,42 @@ class InfiniteSampler(torch.utils.data.Sampler):
             if k // self.batch % self.world == self.rank:
                 yield k, perm[j].item()
 
+class EvalSet(torch.utils.data.Dataset):
+    """Images at full resolution with their trainId masks (image uint8 [3,H,W], mask uint8 [H,W]); gts None: no masks
+    (the test split, --images), and the mask is None."""
+
+    def __init__(self, images, gts, data="cityscapes"):
+        self.images, self.gts, self.data = images, gts, data
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return read_file(self.images[i]), read_train_ids(self.gts[i], self.data) if self.gts else None
+
+@torch.no_grad()
+def precompute_global_masks(scorer, classifier, images, labels, args, device, rank=0, world=1):
+    """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
+    the base size, as a PNG that WeakTrainSet augments with its image; each rank writes every world-th one."""
+    model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
+    inputs = repr(([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))).encode()
+    key = hashlib.sha1(inputs + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
+    folder = os.path.join(args.cache_dir, f"global_masks_{key}")
+    os.makedirs(folder, exist_ok=True)
+    stats = [os.stat(p) for p in images]  # in the names: a changed image gets a new mask
+    paths = [os.path.join(folder, f"{i:05d}_{image_id(p)}_{s.st_size}_{s.st_mtime_ns}.png")
+             for i, (p, s) in enumerate(zip(images, stats))]
+    for i in tqdm(range(rank, len(images), world), desc="global pseudo-masks", leave=False, disable=rank > 0):
+        if not os.path.isfile(paths[i]):  # a file that exists is complete
+            img = read_file(images[i])
+            s = min(max(args.base_size) / max(img.shape[-2:]), min(args.base_size) / min(img.shape[-2:]))
+            size = [max(1, round(img.shape[1] * s)), max(1, round(img.shape[2] * s))]  # WeakTrainSet's, at ratio 1
+            x = TF.normalize(TF.resize(img, size, antialias=True)[None].to(device) / 255, CLIP_MEAN, CLIP_STD)
+            mask = pseudo_mask(scorer(x), labels[i:i + 1].to(device), size)[0]
+            Image.fromarray(mask.byte().cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
+            os.replace(paths[i] + ".tmp", paths[i])
+    return paths
+
 # 7. The training loop ------------------------------------------------------------------------------
 def atomic_save(obj, path):
     """torch.save to PATH.tmp, flushed to disk, renamed over `path`: `path` is always whole, even on a full disk."""
@@ -553,10 +610,10 @@ def make_model(args, classifier, device, ddp=False):
 class DistributedRegionBalancer(RegionBalancer):
     """torchrun: CE(R_c) and CE(R_i) averaged over the ranks enter the window: one history and one w on all ranks."""
 
-    def __call__(self, consistent_ce, inconsistent_ce):
-        ces = torch.stack([consistent_ce, inconsistent_ce]).float()
+    def update(self, consistent_ce, inconsistent_ce):
+        ces = torch.stack([consistent_ce.detach(), inconsistent_ce.detach()]).float()
         dist.all_reduce(ces)
-        return super().__call__(*(ces / dist.get_world_size()).tolist())
+        return super().update(*(ces / dist.get_world_size()).tolist())
 
 def worker_signals(done, worker_id):
     """DataLoader workers leave a Ctrl-C or SIGTERM (SLURM's, to every process) to the main process while it saves."""
@@ -580,21 +637,79 @@ def open_log(path, start):
 class Interrupted(Exception):
     """SIGINT or SIGTERM during training, raised once the last finished iteration is saved: (signum, iter, path)."""
 
-def main(args):
-    """Train with `args` (parse_args); then eval.py's table of CLIP's pseudo-masks and the model on val, returned."""
-    last = os.path.join(args.out, "last.pth")
-    ckpt = judge().resume_checkpoint(args, last)  # None for a new run; refused now if it cannot continue this one
-    # torchrun: one process per GPU (gloo processes on a CPU); rank 0 alone writes files and prints
-    ddp, rank, world, device = "RANK" in os.environ, 0, 1, torch.device(args.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    barrier = dist.barrier if ddp else lambda: None
-    if rank > 0:  # rank 0 writes the synthetic data and the caches first
+def load_checkpoint(path, flag="--ckpt"):
+    """A carb.py checkpoint, loaded with weights_only=True (tensors and plain data; no code is unpickled)."""
+    if not os.path.isfile(path):
+        raise CarbError(f"{flag} {path} not found: pass RUN/last.pth (or RUN/best.pth) of a carb.py run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CarbError(f"{flag} {path} holds more than tensors and plain data: not a carb.py checkpoint") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CarbError(f"{flag} {path} cannot be read ({str(e).splitlines()[0]}): truncated or not a checkpoint; use "
+                        "the run's other checkpoint (last.pth / best.pth)") from None
+    if not (isinstance(ckpt, dict) and {"model", "iteration", "args"} <= ckpt.keys()
+            and isinstance(ckpt["model"], dict) and isinstance(ckpt["args"], dict)):
+        raise CarbError(f"{flag} {path} is not a carb.py checkpoint (no model, iteration and args)")
+    return ckpt
+
+def resume_checkpoint(args, last):
+    """None for a new run; for --resume, RUN/last.pth; refused now if it cannot continue the run."""
+    if os.path.isfile(args.out):
+        raise CarbError(f"--out {args.out} is a file: pass a folder")
+    if args.resume and not os.path.isfile(last):
+        raise CarbError(f"--resume: {last} not found; drop --resume to start a new run")
+    if not args.resume and os.path.isfile(last):  # a new run would overwrite it at its first validation
+        raise CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass "
+                        "another --out (or delete it) to start anew")
+    ckpt = load_checkpoint(last, "--resume") if args.resume else None
+    for key in ("data", "backbone", "optimizer", "clip_model", "dense_clip") if ckpt else ():
+        trained = ckpt["args"].get(key, "maskclip" if key == "dense_clip" else None)  # runs from before --dense-clip
+        if trained != getattr(args, key):
+            raise CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {trained}, not "
+                            f"{getattr(args, key)}: pass the run's own")
+    if ckpt and ckpt["iteration"] > args.iters:
+        raise CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
+    return ckpt
+
+class Stopwatch:
+    """--profile: `watch(phase)` charges the time since its last call to `phase` (CUDA synced); `table(steps)`."""
+    STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
+            "optimizer"]
+
+    def __init__(self, device):
+        self.device, self.totals, self.last = device, collections.Counter(), time.perf_counter()
+
+    def __call__(self, phase):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[phase] += time.perf_counter() - self.last
+        self.last = time.perf_counter()
+
+    def table(self, steps):
+        """Seconds, ms per step and share of the step, per phase."""
+        step = sum(self.totals[p] for p in self.STEP)
+        lines = [f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"]
+        for phase, t in [(p, self.totals[p]) for p in self.STEP] + [("step", step)]:
+            lines.append(f"{phase:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}")
+        lines.append(f"{'(between steps: val, checkpoints)':<34}{sum(self.totals.values()) - step:>10.2f}")
+        return "\n".join(lines)
+
+def setup_distributed(args):
+    """(ddp, rank, world, device). Under torchrun, one process per GPU (gloo processes on a CPU)."""
+    device = torch.device(args.device)
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+def prepare_data(args, device, rank, world, barrier):
+    """(train set, val set, scorer, text classifier): rank 0 writes the synthetic data and the caches first."""
+    if rank > 0:
         barrier()
     torch.manual_seed(args.seed)
     if args.data == "synthetic":
@@ -605,29 +720,60 @@ def main(args):
     else:  # the only use of the train GT
         num_classes = len(DATASETS[args.data].classes)
         image_labels = image_level_labels(train_gts, num_classes, args.cache_dir, train_images, args.data)
-    val_set = judge().EvalSet(*list_split(args.data_root, "val", args.data), args.data)
+    val_set = EvalSet(*list_split(args.data_root, "val", args.data), args.data)
     check_pairs(val_set.images, val_set.gts)  # now, not at the first validation
     scorer, classifier = build_scorer(args, device)
     if rank == 0:  # the data and caches are written: the other ranks can read them
         barrier()
     global_masks = None
-    if args.global_masks == "precompute":  # eval.py writes them, as it writes CLIP's pseudo-masks for scoring
-        global_masks = judge().precompute_global_masks(scorer, classifier, train_images, image_labels, args, device,
-                                                       rank, world)
+    if args.global_masks == "precompute":
+        global_masks = precompute_global_masks(scorer, classifier, train_images, image_labels, args, device, rank,
+                                               world)
         barrier()  # every rank's share is written
+    train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
+                             args.photometric, global_masks)
+    return train_set, val_set, scorer, classifier
+
+def restore(ckpt, model, optimizer, balancer, last):
+    """--resume: the weights, optimizer and balancer of `ckpt` -> (start iteration, best mIoU, last mIoU)."""
+    if not ckpt:
+        return 0, -1.0, None
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CarbError(f"--resume: {last} does not fit this run's model or optimizer "
+                        f"({str(e).splitlines()[-1].strip()[:160]})") from None
+    if balancer and ckpt.get("balancer"):
+        balancer.load_state_dict(ckpt["balancer"])
+    return ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]
+
+def stop_on_signals(ddp):
+    """Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
+    except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
+    -> (the signals received, so far: a list; the handlers to put back)."""
+    stop, handlers = [], {}
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+        if not ddp:
+            signal.signal(signum, handlers[signum])
+    for s in (signal.SIGINT, signal.SIGTERM):
+        handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
+    return stop, handlers
+
+def main(args):
+    """Train with `args` (parse_args); print the val mIoU of CLIP's pseudo-masks and of the model (last.pth) and
+    return their per-class IoUs, {"pseudo-mask": [C], "model": [C]} (None on ranks above 0)."""
+    last = os.path.join(args.out, "last.pth")
+    ckpt = resume_checkpoint(args, last)  # None for a new run; refused now if it cannot continue this one
+    ddp, rank, world, device = setup_distributed(args)
+    barrier = dist.barrier if ddp else lambda: None
+    train_set, val_set, scorer, classifier = prepare_data(args, device, rank, world, barrier)
     model, optimizer, region_weight = make_model(args, classifier, device, ddp)
     balancer = region_weight if isinstance(region_weight, RegionBalancer) else None
-    start, best, miou = 0, -1.0, None
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CarbError(f"--resume: {last} does not fit this run's model or optimizer "
-                            f"({str(e).splitlines()[-1].strip()[:160]})") from None
-        if balancer and ckpt.get("balancer"):
-            balancer.load_state_dict(ckpt["balancer"])
-        start, best, miou = ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]
+    start, best, miou = restore(ckpt, model, optimizer, balancer, last)
+    model_iou = None
 
     def save(path, done):
         nonlocal saved
@@ -642,53 +788,34 @@ def main(args):
     training_done = multiprocessing.Event()  # then the DataLoader's SIGTERM at shutdown ends its workers
     loader = functools.partial(torch.utils.data.DataLoader, num_workers=args.workers,
                                worker_init_fn=functools.partial(worker_signals, training_done))
-    train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
-                             args.photometric, global_masks)
-    sampler = InfiniteSampler(len(train_images), args.seed, start * args.batch_size * world, rank, world,
+    sampler = InfiniteSampler(len(train_set.images), args.seed, start * args.batch_size * world, rank, world,
                               args.batch_size)
     batches = iter(loader(train_set, batch_size=args.batch_size, sampler=sampler, pin_memory=device.type == "cuda",
                           persistent_workers=args.workers > 0))
     val_loader = loader(val_set, batch_size=1)
     ddp_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
         if ddp else model  # torchrun: gradients are averaged over the ranks in backward: one step on every rank
-    # Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
-    # except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
-    stop, handlers = [], {}
-
-    def request_stop(signum, frame):
-        stop.append(signum)
-        if not ddp:
-            signal.signal(signum, handlers[signum])
-    for s in (signal.SIGINT, signal.SIGTERM):
-        handlers[s] = signal.signal(s, request_stop) or signal.SIG_DFL  # None: a handler not set from Python
+    stop, handlers = stop_on_signals(ddp)
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="train", disable=rank > 0)
-    watch = judge().Stopwatch(device) if args.profile else lambda phase: None
+    watch = Stopwatch(device) if args.profile else lambda phase: None
     done = saved = start
     try:
         for it in bar:
             lr = (args.lr - args.min_lr) * (1 - it / args.iters) ** 0.9 + args.min_lr  # mmcv's poly, with a floor
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # All randomness of iteration `it` comes from (seed, it) -- the window, then the global RNG (dropout) --
-            # and the batch from (seed, sample number): a resumed run repeats the uninterrupted one, any --workers.
+            # All randomness of iteration `it` comes from (seed, it) -- the window, then the global RNG -- and the
+            # batch from (seed, sample number): a resumed run repeats the uninterrupted one, with any --workers.
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             window = sample_window(args.crop, args.window, *args.multiplier, g)  # drawn even if unused: the
             torch.manual_seed(torch.randint(2 ** 62, (), generator=g).item() + rank)  # variants share randomness
-            loss, logs = train_one_step(ddp_model, scorer, next(batches), None if args.no_local_view else window,
-                                        it >= args.carb_start, region_weight, device, watch)
-            watch("CARB loss and balancer")
-            if not math.isfinite(loss.item()):
-                terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
-                raise CarbError(f"non-finite loss at iteration {it} ({terms}): lower --lr, or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            watch("segmentation forward+backward")
-            optimizer.step()
-            watch("optimizer")
+            logs = train_one_step(ddp_model, optimizer, scorer, next(batches), None if args.no_local_view else window,
+                                  it >= args.carb_start, region_weight, device, watch)
             bar.set_postfix({k: f"{logs[k]:.3f}" for k in LOG_COLUMNS[2:-2] if k in logs} | {"lr": f"{lr:.2e}"})
             done, validate = it + 1, rank == 0 and ((it + 1) % args.val_every == 0 or it + 1 == args.iters)
             if validate:
-                miou = validate_model(model, scorer, val_loader, os.path.join(args.out, "vis", str(done)))
+                model_iou = validate_model(model, val_loader)
+                miou = mean_iou(model_iou)
                 tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
             csv.writer(log).writerow([it, lr, *[logs.get(k, "") for k in LOG_COLUMNS[2:-1]], miou if validate else ""])
             if validate:
@@ -712,8 +839,9 @@ def main(args):
             except CarbError:  # non-finite weights, or the disk is full: last.pth stays as it was
                 pass
         if not os.path.isfile(last):  # failed before any iteration could be kept
-            raise CarbError(f"{e}; nothing was saved") from None
-        raise CarbError(f"{e}; {last} holds iteration {saved}: once fixed, continue with --resume") from None
+            raise CarbError(f"iteration {done}: {e}; nothing was saved") from None
+        raise CarbError(f"iteration {done}: {e}; {last} holds iteration {saved}: once fixed, continue with --resume") \
+            from None
     finally:
         training_done.set()
         for s, handler in handlers.items():
@@ -723,24 +851,75 @@ def main(args):
     if rank > 0:
         return None
     if args.profile:
-        print(judge().profile_table(watch.totals, args.iters - start))
-    # The paper's two numbers on the val split, CLIP's pseudo-masks and the model: eval.py's table of last.pth
-    evaluation = judge()
-    flags = ["--data", args.data, "--data-root", args.data_root, "--ckpt", last, "--clip", "--device", device,
-             "--clip-model", args.clip_model, "--cache-dir", args.cache_dir, "--workers", args.workers]
-    return evaluation.main(evaluation.get_args_parser().parse_args([str(f) for f in flags]))
+        print(watch.table(args.iters - start))
+    return report(args, model, scorer, val_loader, last, model_iou)
 
-# 8. Validation and pictures: eval.py's scoring and drawing, on the model in memory -------------------
-def validate_model(model, scorer, loader, vis_dir=None):
-    """The model's val mIoU (eval.py's confusion matrix); with `vis_dir`, eval.py's pictures of a few val images."""
-    evaluation = judge()
+# 8. Validation: the confusion matrix and mIoU, on the model in memory ---------------------------------
+@torch.no_grad()
+def predict(model, images):
+    """uint8 images [B,3,H,W] -> trainIds [B,H,W]: the whole image at full resolution, as the official test config."""
+    x = TF.normalize(images.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return model(x).argmax(1)
+
+def present_classes(gt, num_classes):
+    """trainId mask [H,W] -> [C] float, 1 for each class in it: the image-level labels of one image."""
+    return (torch.bincount(gt[gt != 255].long(), minlength=num_classes)[:num_classes] > 0).float()
+
+def clip_pseudo_mask(scorer, images, gts, num_classes):
+    """CLIP's global pseudo-masks of uint8 images [B,3,H,W], restricted to the classes in their GT masks [B,H,W]."""
+    labels = torch.stack([present_classes(g, num_classes) for g in gts])
+    x = TF.normalize(images.float() / 255, CLIP_MEAN, CLIP_STD)
+    return pseudo_mask(scorer(x), labels, gts.shape[-2:])
+
+def confusion_matrix(pred, gt, num_classes):
+    """[C, C+1] counts, rows = GT (255 skipped), columns = prediction; the last column, void predictions (>= C), is a
+    miss for the GT class and a false positive for none, as in the official Cityscapes evaluation."""
+    keep = gt != 255
+    idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
+    return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
+
+def iou_from_confusion(conf):
+    """Per-class IoU = tp / (tp + fp + fn) of a confusion matrix; NaN for a class neither in GT nor predicted."""
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf[:, :len(tp)].sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+def mean_iou(iou):
+    """Mean over the classes that occur (NaN entries left out), in percent."""
+    return 100 * iou[~iou.isnan()].mean().item()
+
+@torch.no_grad()
+def evaluate(predict_fn, loader, num_classes, device):
+    """Per-class IoU over a split of (image, GT) pairs, predict_fn(images, gts) -> trainIds: one confusion matrix."""
+    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
+    for images, gts in tqdm(loader, desc="val", leave=False):
+        images, gts = images.to(device), gts.to(device)
+        conf += confusion_matrix(predict_fn(images, gts), gts, num_classes)
+    return iou_from_confusion(conf)
+
+def validate_model(model, loader):
+    """The model's per-class val IoU, in eval mode (then back to training)."""
     model.eval()
     device, num_classes = next(model.parameters()).device, len(DATASETS[loader.dataset.data].classes)
-    iou = evaluation.evaluate(lambda images, gts: evaluation.predict(model, images), loader, num_classes, device)
-    if vis_dir:
-        evaluation.draw_samples(model, scorer, loader.dataset, vis_dir)
+    iou = evaluate(lambda images, gts: predict(model, images), loader, num_classes, device)
     model.train()
-    return evaluation.mean_iou(iou)
+    return iou
+
+def report(args, model, scorer, loader, last, model_iou=None):
+    """The run's last lines: the val mIoU of CLIP's pseudo-masks and of the model (last.pth), what eval.py prints for
+    them; then the eval.py command of the per-class table. Returns both per-class IoUs."""
+    device, num_classes = next(model.parameters()).device, len(DATASETS[args.data].classes)
+    pseudo = evaluate(lambda images, gts: clip_pseudo_mask(scorer, images, gts, num_classes), loader, num_classes,
+                      device)
+    model_iou = validate_model(model, loader) if model_iou is None else model_iou  # None: resumed at --iters
+    if args.data == "synthetic":
+        print("(synthetic stand-in data: these are not Cityscapes results)")
+    print(f"pseudo-mask mIoU: {mean_iou(pseudo):.2f}\nmodel mIoU: {mean_iou(model_iou):.2f}")
+    print("per-class table: " + shlex.join(["python", "eval.py", "--data-root", args.data_root, "--ckpt", last,
+                                           "--clip", "--cache-dir", args.cache_dir]))
+    return {"pseudo-mask": pseudo, "model": model_iou}
 
 # 9. The command line -------------------------------------------------------------------------------
 # Defaults per --data: the official configs/carb/*_carb_dual.py (2 GPUs x 4 images; here 8 on one); synthetic: a CPU.
@@ -763,7 +942,8 @@ DEFAULTS = {
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a bad flag is one line and exit code 2, as every other bad input
-        raise CarbError(message)
+        moved = [f for f in ("--ablation", "--benchmark") if f in message]  # experiments live in eval.py now
+        raise CarbError(f"{message}: run python eval.py {moved[0]} [carb.py's flags]" if moved else message)
 
 def number(kind, low, strict=False):
     """An argparse type: a `kind` number >= low (> low if strict)."""
@@ -793,7 +973,6 @@ def get_args_parser():
     p.add_argument("--carb-start", type=number(int, 0), help="iteration from which CARB replaces CE (ITERS: never)")
     p.add_argument("--region-weight", default="adaptive", help="'adaptive' (RegionBalancer) or a fixed number")
     p.add_argument("--no-local-view", action="store_true", help="global view only (an ablation variant)")
-    p.add_argument("--ablation", action="store_true", help="the paper's component ablation (eval.py's ABLATION)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=number(float, 0, True))
     p.add_argument("--min-lr", type=number(float, 0))
@@ -808,14 +987,14 @@ def get_args_parser():
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/carb"), help="labels, text embeddings, masks")
     p.add_argument("--global-masks", choices=["online", "precompute"], default="online", help="CLIP per crop or image")
     p.add_argument("--profile", action="store_true", help="time each phase of the step; print a table at the end")
-    p.add_argument("--benchmark", action="store_true", help="time the paper's networks on random data, and exit")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly from its last.pth")
     return p
 
-def parse_args(argv=None):
-    """The command line, with --data's defaults for what it leaves out; the refusals that need no file."""
+def parse_args(argv=None, defaults=None):
+    """The command line, with `defaults` (eval.py's --benchmark) and then --data's for what it leaves out; the
+    refusals that need no file."""
     args = get_args_parser().parse_args(argv)
-    for key, value in (DEFAULTS[args.data] | (judge().BENCHMARK if args.benchmark else {})).items():
+    for key, value in (DEFAULTS[args.data] | (defaults or {})).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     lo, hi = args.scale_range
@@ -855,21 +1034,13 @@ def build_scorer(args, device):
     scorer = functools.partial(maskclip_scores, clip_model, text_classifier=on_device, variant=args.dense_clip)
     return scorer, classifier
 
-def judge():
-    """eval.py, where the judging lives: the final table, --benchmark, --ablation. Its `import carb` is this module."""
-    sys.modules.setdefault("carb", sys.modules[__name__])
-    import eval
-    return eval
-
-def run(argv=None):
-    """The command line: bad input is one line on stderr and exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""
+def run(argv=None, command=None):
+    """The command line, training or `command(argv)` (eval.py's experiments): bad input is one line on stderr and
+    exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""
     script = sys.argv[0] if argv is None else "carb.py"
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        args = parse_args(argv)
-        if args.ablation or args.benchmark:  # experiments about carb, in eval.py beside the other judges
-            return judge().ablation(argv) if args.ablation else judge().benchmark(args)
-        return main(args)
+        return command(argv) if command else main(parse_args(argv))
     except CarbError as e:
         message, code = f"carb.py: error: {e}", 2
     except Interrupted as e:
