@@ -1,10 +1,10 @@
 """carb.py -- Weakly Supervised Semantic Segmentation for Driving Scenes (CARB: Kim, Lee, Choe, Shim, AAAI 2024,
 arXiv 2312.13646; official code github.com/k0u-id/CARB) in one file. Run `python carb.py --data synthetic`.
 The method comes first, in the paper's order (1. CLIP pseudo-masks, 2. Global-Local View, 3. the model, 4. the CARB
-loss, 5. one training step); then 6. data, 7. the training loop, 8. validation, 9. the command line, and an appendix.
-"""
+loss, 5. one training step); then 6. data, 7. the training loop, 8. validation, 9. the command line, and an appendix."""
 import argparse
 import collections
+import contextlib
 import csv
 import functools
 import itertools
@@ -36,7 +36,6 @@ from tqdm import tqdm
 
 class CarbError(Exception):
     """Bad input from the user: run() prints it as one line and exits with code 2."""
-
     def __str__(self):  # raised in a DataLoader worker, it comes back with the worker's traceback above its line
         return super().__str__().rstrip().splitlines()[-1].split("CarbError: ", 1)[-1]
 
@@ -71,13 +70,12 @@ TEMPLATES = [
 ]
 
 def load_clip(name_or_path, device):
-    """clip.load by name (downloads to ~/.cache/clip) or file (OpenAI's .pt or a state dict): frozen, eval, fp32."""
+    """clip.load by name (to ~/.cache/clip) or file (.pt or state dict): frozen, eval, fp32 (it gives fp16 on CUDA)."""
     with warnings.catch_warnings():  # clip imports pkg_resources, and torch.jit.load is deprecated: both warn
         warnings.simplefilter("ignore")
         import clip
         try:  # unknown names, offline downloads: RuntimeError, URLError (an OSError); bad files: the others
-            model = clip.load(name_or_path, device=device, jit=False)[0]  # fp16 on CUDA; the official ViT is fp32
-            return model.float().eval().requires_grad_(False)
+            return clip.load(name_or_path, device=device, jit=False)[0].float().eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001  (whatever it is, this file or name is not a CLIP model)
             raise CarbError(f"--clip-model {name_or_path}: cannot load it ({type(e).__name__}: {str(e)[:80]}); pass "
                             f"one of {clip.available_models()}, or (offline) pass its path: OpenAI's .pt file "
@@ -87,26 +85,21 @@ def load_clip(name_or_path, device):
 def text_classifier(clip_model, class_names):
     """[C, D] CLIP text embeddings: each name in the 85 templates, L2-normalized, averaged, re-normalized."""
     import clip
-    device = clip_model.token_embedding.weight.device
-    rows = []
-    for name in class_names:
-        e = clip_model.encode_text(clip.tokenize([t.format(name) for t in TEMPLATES]).to(device)).float()
-        rows.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=-1))
-    return torch.stack(rows).cpu()
+    tokens = clip.tokenize([t.format(name) for name in class_names for t in TEMPLATES])
+    e = clip_model.encode_text(tokens.to(clip_model.token_embedding.weight.device)).float()
+    return F.normalize(F.normalize(e, dim=-1).reshape(len(class_names), len(TEMPLATES), -1).mean(1), dim=-1).cpu()
 
 DENSE_CLIP = ["maskclip", "sclip", "clearclip", "naclip"]  # last-block variants of maskclip_scores
 
 @functools.lru_cache(maxsize=16)
 def neighbourhood(gh, gw, device="cpu", sigma=5.0):
-    """NACLIP's attention bias: Omega_ij = exp(-|p_i - p_j|^2 / 2 sigma^2) for patches at grid positions p_i, p_j
-    (row, column; sigma in patches); 0 in the CLS token's row and column. [N+1, N+1], made once per grid and device."""
+    """NACLIP's bias [N+1, N+1], once per grid and device: Omega_ij = exp(-|p_i - p_j|^2 / 2 sigma^2), 0 for CLS."""
     grid = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"), -1).reshape(-1, 2).float()
     return F.pad(torch.exp(-torch.cdist(grid, grid) ** 2 / (2 * sigma ** 2)), (1, 0, 1, 0)).to(device)
 
 @torch.inference_mode()
 def maskclip_scores(clip_model, images, text_classifier, variant="maskclip"):
     """Dense CLIP scores: images [B,3,H,W], CLIP-normalized -> cosine similarities [B,C,H/16,W/16].
-
     The ViT runs as trained, its positional embedding resized (bicubic) to the input's patch grid, up to its last
     block. There MaskCLIP (CARB's) keeps the value path alone, so each patch keeps its own content: with x the tokens
     (CLS first) and v = the value projection of ln_1(x), y = x + out_proj(v); y = y + mlp(ln_2(y)). Each patch then
@@ -118,8 +111,7 @@ def maskclip_scores(clip_model, images, text_classifier, variant="maskclip"):
     if (H, W) != (gh * p, gw * p):  # e.g. the up-scaled window: resize to whole patches, keep the border
         images = F.interpolate(images, size=(gh * p, gw * p), mode="bilinear", align_corners=False)
     x = vit.conv1(images.to(vit.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, width]
-    cls = vit.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    pos = vit.positional_embedding.to(x.dtype)
+    cls, pos = vit.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), vit.positional_embedding.to(x.dtype)
     n = round(math.sqrt(pos.shape[0] - 1))
     grid = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False).to(x.dtype)
@@ -157,8 +149,7 @@ def dense_clip_block(last, x, variant, grid):
     return y
 
 def pseudo_mask(scores, image_labels, size):
-    """scores [B,C,h,w] -> [B,H,W] long: bilinear upsampling, then argmax over each image's labelled classes only (an
-    image without labels: all 255). Channels-last makes the upsampling and the argmax several times faster on a CPU."""
+    """scores [B,C,h,w] -> [B,H,W] long: bilinear upsampling, then argmax over each image's labelled classes only."""
     scores = F.interpolate(scores.float().contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
                            align_corners=False)
     mask = scores.masked_fill_(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
@@ -175,8 +166,7 @@ def sample_window(crop, window, rate, offset, g):
     return top, left, h, w, m
 
 def local_pseudo_mask(scorer, clip_images, image_labels, window):
-    """CLIP on the window up-scaled by m; its scores come back to the window's size: the local pseudo-mask.
-    At m > 1 a small object covers more of CLIP's 16x16 patches, so it survives the patch vote."""
+    """The local pseudo-mask: CLIP on the window up-scaled by m, where a small object covers more 16x16 patches."""
     top, left, h, w, m = window
     patch = clip_images[:, :, top:top + h, left:left + w]
     patch = F.interpolate(patch, size=(int(h * m), int(w * m)), mode="bilinear", align_corners=False)
@@ -191,9 +181,7 @@ BACKBONES = {  # name: (torchvision builder, its backbone's weights enum); the a
 }
 
 class Segmenter(nn.Module):
-    """DeepLabV3 whose last 1x1 conv outputs CLIP's embedding dimension; the logits are the dot product of that
-    embedding with the fixed text classifier (a buffer: saved with the model, never trained), as MaskCLIP+."""
-
+    """DeepLabV3 whose logits are its embedding dotted with CLIP's text classifier (a buffer, never trained)."""
     def __init__(self, backbone, text_classifier, backbone_weights="none"):
         super().__init__()
         build, weights_enum = BACKBONES[backbone]
@@ -220,26 +208,20 @@ class Segmenter(nn.Module):
             return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 # 4. CARB loss: Consistency-Aware Region Balancing. Self-contained: copy this block; it needs only torch. ---
-def masked_cross_entropy(logits, target, region=None, ignore_index=255):
-    """Mean cross-entropy over the pixels of `region` (default: all non-ignored); 0, never NaN, if it is empty."""
-    ce = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
-    region = (target != ignore_index) if region is None else region
-    return (ce * region).sum() / region.sum().clamp(min=1)
-
-def carb_regions(logits, pseudo_mask, image_labels):
-    """logits [B,C,H,W]; pseudo_mask [B,H,W] (255 = ignore); image_labels [B,C] in {0,1} -> (R_c, R_i) [B,H,W] bool.
-    prediction P = argmax of the logits over each image's labelled classes; R_c = {pseudo_mask == P}, R_i = the
-    other non-ignored pixels."""
-    with torch.no_grad():
-        absent = image_labels[:, :, None, None] == 0
-        prediction = logits.detach().masked_fill(absent, float("-inf")).argmax(1)
-        valid = pseudo_mask != 255
-        consistent = valid & (pseudo_mask == prediction)
-        return consistent, valid & ~consistent
+def masked_cross_entropy(logits, target):
+    """Mean cross-entropy over the non-ignored (255) pixels; 0, never NaN, if there are none."""
+    ce = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=255, reduction="none")
+    valid = target != 255
+    return (ce * valid).sum() / valid.sum().clamp(min=1)
 
 def region_losses(logits, pseudo_mask, image_labels):
-    """(CE(R_c), CE(R_i), R_c, R_i): the mean cross-entropy over each region (0 if it is empty), from one CE map."""
-    consistent, inconsistent = carb_regions(logits, pseudo_mask, image_labels)
+    """logits [B,C,H,W], pseudo_mask [B,H,W] (255 = ignore), image_labels [B,C] in {0,1} -> CE(R_c), CE(R_i), R_c, R_i.
+    The model's prediction P = argmax of the logits over each image's labelled classes; R_c = {pseudo_mask == P},
+    R_i = the other labelled pixels (bool [B,H,W]); CE(R) = the mean cross-entropy over R, 0 if R is empty."""
+    prediction = logits.detach().masked_fill(image_labels[:, :, None, None] == 0, float("-inf")).argmax(1)
+    valid = pseudo_mask != 255
+    consistent = valid & (pseudo_mask == prediction)
+    inconsistent = valid & ~consistent
     ce = torch.nn.functional.cross_entropy(logits.float(), pseudo_mask, ignore_index=255, reduction="none")
     return ((ce * consistent).sum() / consistent.sum().clamp(min=1),
             (ce * inconsistent).sum() / inconsistent.sum().clamp(min=1), consistent, inconsistent)
@@ -250,18 +232,17 @@ def carb_loss(logits, pseudo_mask, image_labels, w):
     return consistent_ce + w * inconsistent_ce
 
 class RegionBalancer:
-    """Adaptive region weight: w = coeff * mean(last `window` CE(R_c)) / mean(last `window` CE(R_i)).
-    The disagreeing region is scaled down as much as it is harder than the agreeing one. If every stored
-    inconsistent CE is 0 there is nothing to balance and w = coeff."""
-
+    """Adaptive region weight w = coeff * mean(last `window` CE(R_c)) / mean(last `window` CE(R_i)): the disagreeing
+    region counts as much less as it is harder. If every stored CE(R_i) is 0, w = coeff."""
     def __init__(self, coeff=1.0, window=5):
         self.coeff, self.window, self.weight = coeff, window, coeff
         self.consistent, self.inconsistent = [], []
 
     def update(self, consistent_ce, inconsistent_ce):
-        """Queue one iteration's CE(R_c) and CE(R_i) (floats or tensors, read without their graph); return w."""
-        self.consistent = (self.consistent + [float(consistent_ce)])[-self.window:]
-        self.inconsistent = (self.inconsistent + [float(inconsistent_ce)])[-self.window:]
+        """Queue one iteration's CE(R_c) and CE(R_i) (floats or tensors, read in one sync, without their graph); w."""
+        ces = torch.stack([torch.as_tensor(consistent_ce), torch.as_tensor(inconsistent_ce)]).detach().tolist()
+        self.consistent = (self.consistent + ces[:1])[-self.window:]
+        self.inconsistent = (self.inconsistent + ces[1:])[-self.window:]
         mean_c = sum(self.consistent) / len(self.consistent)
         mean_i = sum(self.inconsistent) / len(self.inconsistent)
         self.weight = self.coeff * mean_c / mean_i if mean_i > 0 else self.coeff
@@ -277,15 +258,13 @@ class RegionBalancer:
 # 5. One training step ------------------------------------------------------------------------------
 def train_one_step(model, optimizer, scorer, batch, window, carb_on, region_weight, device, tick=lambda phase: None):
     """One whole CARB iteration, as torchvision's train_one_epoch does one batch: pseudo-masks, forward, both views'
-    losses, zero_grad, backward, optimizer step. `region_weight`: a RegionBalancer (adaptive w) or a float (fixed w);
-    `window` None trains the global view only (the ablation's --no-local-view). A batch of 4 carries the precomputed
-    global pseudo-mask (--global-masks precompute). `tick(phase)`: the --profile Stopwatch. Returns the log figures."""
+    losses, zero_grad, backward, optimizer step; returns the log figures. `region_weight`: a RegionBalancer or a float;
+    `window` None: the global view only; a batch of 4 carries the precomputed global mask; `tick`: --profile's."""
     images, image_labels, valid_hw, *precomputed = (t.to(device, non_blocking=True) for t in batch)
     x = images.float() / 255
     rows, cols = torch.arange(x.shape[-2], device=device), torch.arange(x.shape[-1], device=device)
     padded = (rows[None, :, None] >= valid_hw[:, 0, None, None]) | (cols[None, None, :] >= valid_hw[:, 1, None, None])
     tick("data wait")
-
     # pseudo-masks: CLIP on the whole crop (global) and on the up-scaled window (local); padding is ignored (255)
     clip_x = TF.normalize(x, CLIP_MEAN, CLIP_STD)
     if precomputed:  # already restricted to the labels, augmented with the image, padding 255
@@ -298,34 +277,30 @@ def train_one_step(model, optimizer, scorer, batch, window, carb_on, region_weig
         local_mask = local_pseudo_mask(scorer, clip_x, image_labels, window)
         local_mask = local_mask.masked_fill(padded[:, top:top + height, left:left + width], 255)
     tick("CLIP local")
-
     seg_x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     if device.type == "cuda":
         seg_x = seg_x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(seg_x)
     tick("segmentation forward+backward")
-
-    # L = CE(R_c) + w CE(R_i) + CE(R_c^local) + w CE(R_i^local); warm-up: CE of each view
+    # L = CE(R_c) + w CE(R_i) + CE(R_c^local) + w CE(R_i^local); before --carb-start, the CE of each view
+    ce_c, ce_i, consistent, inconsistent = region_losses(logits, global_mask, image_labels)  # logged from the start
+    logs = {"ce_c": ce_c, "ce_i": ce_i}
     if carb_on:  # this iteration's CEs enter the balancer's queue before w is read, as in the official head
-        consistent_ce, inconsistent_ce, consistent, inconsistent = region_losses(logits, global_mask, image_labels)
-        w = region_weight.update(consistent_ce, inconsistent_ce) if isinstance(region_weight, RegionBalancer) \
-            else region_weight
-        loss = consistent_ce + w * inconsistent_ce
-        logs = {"ce_c": consistent_ce, "ce_i": inconsistent_ce, "w": torch.tensor(w)}
-    else:  # the regions are still drawn, for the log alone (the paper's Fig. 5)
-        consistent, inconsistent = carb_regions(logits, global_mask, image_labels)
-        loss, logs = masked_cross_entropy(logits, global_mask), {}
-    logs["global"] = loss
+        w = region_weight.update(ce_c, ce_i) if isinstance(region_weight, RegionBalancer) else region_weight
+        loss = logs["global"] = ce_c + w * ce_i
+    else:
+        loss = logs["global"] = masked_cross_entropy(logits, global_mask)
     if window is not None:  # the window's logits learn from the local mask with the global view's w (never queued)
         local_logits = logits[:, :, top:top + height, left:left + width]
         local_loss = carb_loss(local_logits, local_mask, image_labels, w) if carb_on \
             else masked_cross_entropy(local_logits, local_mask)
-        logs["local"] = local_loss
         loss = loss + local_loss
+        logs["local"] = local_loss
     labelled = (global_mask != 255).sum().clamp(min=1)
     logs |= {"consistent": consistent.sum() / labelled, "inconsistent": inconsistent.sum() / labelled}
     logs = dict(zip(logs, torch.stack([v.detach().float().to(device) for v in logs.values()]).tolist()))  # one sync
+    logs |= {"w": w} if carb_on else {}
     tick("CARB loss and balancer")
     if not math.isfinite(logs["global"] + logs.get("local", 0.0)):
         raise CarbError("non-finite loss (" + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()) + "): lower --lr, "
@@ -349,8 +324,7 @@ CAMVID = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "
 WILDDASH2 = ["ego vehicle", "road", "sidewalk", "building", "wall", "fence", "guard rail", "pole", "traffic light",
              "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "motorcycle",
              "bicycle", "pickup", "van", "billboard", "streetlight", "road marking"]
-# Classes and layout per dataset: `images` and `labels` are globs under --data-root whose wildcards match alike (an
-# image's label file is the label glob with the image's matches); CamVid and WildDash2 labels are class indices.
+# Per dataset: `images` and `labels` globs under --data-root whose wildcards match alike; its classes and label ids.
 Dataset = collections.namedtuple("Dataset", "classes clip_names images labels label_values to_train")
 DATASETS = {
     # CARB's names for CLIP: "tree" for vegetation, "pedestrian" for person, ... Labels: labelIds, 255 = -1.
@@ -449,9 +423,7 @@ def read_image_labels(path, image_paths, data="cityscapes"):
     return labels
 
 def photometric_params(g):
-    """mmseg's PhotoMetricDistortion draws, in its order, each None (skipped) with probability 1/2: brightness
-    +U(-32,32), contrast xU(0.5,1.5) (before or after the colour), saturation xU(0.5,1.5), hue +randint[-18, 17]
-    in OpenCV's 0-180 units (2 degrees each)."""
+    """mmseg's PhotoMetricDistortion draws in its order, each None (skipped) with probability 1/2 (README, dev. 9)."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     coin = lambda: torch.rand((), generator=g).item() < 0.5  # noqa: E731
     brightness, contrast_first = u(-32, 32) if coin() else None, coin()
@@ -462,8 +434,7 @@ def photometric_params(g):
     return dict(brightness=brightness, contrast=contrast, contrast_first=contrast_first, saturation=saturation, hue=hue)
 
 def photometric_distortion(img, p):
-    """A uint8 [3,H,W] image distorted by photometric_params `p`, each step's result clipped to [0,255] and truncated
-    to uint8 as mmseg's `convert` does; saturation and hue by torchvision on RGB (mmseg: OpenCV's HSV)."""
+    """A uint8 [3,H,W] image distorted by photometric_params `p`, truncated to uint8 after each step as mmseg does."""
     convert = lambda x: x.clamp(0, 255).to(torch.uint8)  # noqa: E731  (np.clip, then astype(np.uint8))
     contrast = lambda x: convert(x.float() * p["contrast"]) if p["contrast"] is not None else x  # noqa: E731
     img = convert(img.float() + p["brightness"]) if p["brightness"] is not None else img
@@ -473,17 +444,14 @@ def photometric_distortion(img, p):
     return img if p["contrast_first"] else contrast(img)
 
 class WeakTrainSet(torch.utils.data.Dataset):
-    """Crops (uint8 [3,h,w], padded bottom/right), image-level labels [C] and valid_hw [2] (the image inside the crop),
-    augmented as the official config, random from (seed, sample). A precomputed global mask comes fourth, alike."""
-
+    """Crops (uint8, padded), image-level labels, valid_hw (the image in the crop) [, the global mask], augmented."""
     def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None):
         self.images, self.labels, self.seed, self.photometric = images, labels, seed, photometric
         self.crop, self.base_size, self.scale_range, self.global_masks = crop, base_size, scale_range, global_masks
 
     def __getitem__(self, item):
         k, i = item  # (global sample number, image index), from InfiniteSampler
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-        img = read_file(self.images[i])
+        g, img = torch.Generator().manual_seed(self.seed * 1_000_003 + k), read_file(self.images[i])
         # mmseg Resize(img_scale=(long, short), ratio_range, keep_ratio): fit the image inside the scaled base size
         lo, hi = self.scale_range
         r = lo + (hi - lo) * torch.rand((), generator=g).item()
@@ -508,9 +476,7 @@ class WeakTrainSet(torch.utils.data.Dataset):
         return item + (F.pad(mask.flip(-1) if flip else mask, pad, value=255),)
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """(k, index) for k = start, start+1, ...: sample k is in epoch k // n of a seeded permutation. Under torchrun
-    batch t of the one stream goes to rank t % N, so N ranks with B images see what one GPU with N*B would."""
-
+    """(k, index) for k = start, start+1, ...: epoch k // n of a seeded permutation; batch t to rank t % N."""
     def __init__(self, n, seed, start=0, rank=0, world=1, batch=1):
         self.n, self.seed, self.start, self.rank, self.world, self.batch = n, seed, start, rank, world, batch
 
@@ -523,9 +489,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 yield k, perm[j].item()
 
 class EvalSet(torch.utils.data.Dataset):
-    """Images at full resolution with their trainId masks (image uint8 [3,H,W], mask uint8 [H,W]); gts None: no masks
-    (the test split, --images), and the mask is None."""
-
+    """(image uint8 [3,H,W], trainId mask uint8 [H,W] or None if gts is None) at full resolution."""
     def __init__(self, images, gts, data="cityscapes"):
         self.images, self.gts, self.data = images, gts, data
 
@@ -537,8 +501,7 @@ class EvalSet(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def precompute_global_masks(scorer, classifier, images, labels, args, device, rank=0, world=1):
-    """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
-    the base size, as a PNG that WeakTrainSet augments with its image; each rank writes every world-th one."""
+    """--global-masks precompute: each training image's global pseudo-mask at the base size, once, as a PNG."""
     model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
     inputs = repr(([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))).encode()
     key = hashlib.sha1(inputs + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
@@ -575,10 +538,9 @@ def atomic_save(obj, path):
                         f"a run); {path} was left as it was") from None
 
 def cached(path, files, compute, what):
-    """compute(), kept at `path` with the (size, mtime) of the `files` it reads, which a changed file (named in one
-    line) makes stale; a file removed since (a train mask, once its labels are kept) changes nothing."""
+    """compute(), kept at `path` with the (size, mtime) of the `files` it reads: stale once one of them changes."""
     stats = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else None for f in files]
-    try:
+    with contextlib.suppress(Exception):  # no cache yet, or a damaged one: compute it
         entry = torch.load(path, weights_only=True)
         changed = [f for f, old, new in zip(files, entry["stats"], stats) if new not in (None, tuple(old))]
         if len(entry["stats"]) == len(stats) and not changed:
@@ -586,14 +548,12 @@ def cached(path, files, compute, what):
         if changed:
             tqdm.write(f"carb.py: {what}: {len(changed)} of the files changed since cached, the first {changed[0]}: "
                        "computing them again")
-    except Exception:  # noqa: BLE001  (no cache yet, or a damaged one: compute it)
-        pass
     value = compute()
     atomic_save({"stats": stats, "value": value}, path)
     return value
 
-def make_model(args, classifier, device, ddp=False):
-    """The Segmenter, its optimizer and its region weight: a RegionBalancer, or the fixed --region-weight."""
+def make_model(args, classifier, device, ddp=False, ckpt=None):
+    """The Segmenter, its optimizer and its region weight (a RegionBalancer, or a float); as `ckpt` left them."""
     model = Segmenter(args.backbone, classifier, args.backbone_weights).to(device)
     if ddp and device.type == "cuda":  # one BatchNorm over all GPUs' images, as one GPU with N*B images
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -603,13 +563,21 @@ def make_model(args, classifier, device, ddp=False):
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     else:  # synthetic default: a from-scratch backbone learns several times faster with AdamW in a short run
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    if args.region_weight != "adaptive":
-        return model, optimizer, float(args.region_weight)
-    return model, optimizer, DistributedRegionBalancer() if ddp else RegionBalancer()
+    region_weight = float(args.region_weight) if args.region_weight != "adaptive" else \
+        DistributedRegionBalancer() if ddp else RegionBalancer()
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CarbError(f"--resume: {os.path.join(args.out, 'last.pth')} does not fit this run's model or "
+                            f"optimizer ({str(e).splitlines()[-1].strip()[:160]})") from None
+        if ckpt.get("balancer") and isinstance(region_weight, RegionBalancer):
+            region_weight.load_state_dict(ckpt["balancer"])
+    return model, optimizer, region_weight
 
 class DistributedRegionBalancer(RegionBalancer):
     """torchrun: CE(R_c) and CE(R_i) averaged over the ranks enter the window: one history and one w on all ranks."""
-
     def update(self, consistent_ce, inconsistent_ce):
         ces = torch.stack([consistent_ce.detach(), inconsistent_ce.detach()]).float()
         dist.all_reduce(ces)
@@ -726,32 +694,16 @@ def prepare_data(args, device, rank, world, barrier):
     if rank == 0:  # the data and caches are written: the other ranks can read them
         barrier()
     global_masks = None
-    if args.global_masks == "precompute":
+    if args.global_masks == "precompute":  # each rank writes every world-th mask, then waits for the others
         global_masks = precompute_global_masks(scorer, classifier, train_images, image_labels, args, device, rank,
                                                world)
-        barrier()  # every rank's share is written
+        barrier()
     train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
                              args.photometric, global_masks)
     return train_set, val_set, scorer, classifier
 
-def restore(ckpt, model, optimizer, balancer, last):
-    """--resume: the weights, optimizer and balancer of `ckpt` -> (start iteration, best mIoU, last mIoU)."""
-    if not ckpt:
-        return 0, -1.0, None
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CarbError(f"--resume: {last} does not fit this run's model or optimizer "
-                        f"({str(e).splitlines()[-1].strip()[:160]})") from None
-    if balancer and ckpt.get("balancer"):
-        balancer.load_state_dict(ckpt["balancer"])
-    return ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]
-
 def stop_on_signals(ddp):
-    """Ctrl-C / SIGTERM only ask to stop: the current iteration finishes and is saved. A second one acts as usual,
-    except under torchrun, which passes on the signal it gets itself (and sends SIGKILL 30 s later).
-    -> (the signals received, so far: a list; the handlers to put back)."""
+    """Ctrl-C / SIGTERM stop after this iteration (a second acts as usual) -> (signals received, old handlers)."""
     stop, handlers = [], {}
 
     def request_stop(signum, frame):
@@ -763,17 +715,16 @@ def stop_on_signals(ddp):
     return stop, handlers
 
 def main(args):
-    """Train with `args` (parse_args); print the val mIoU of CLIP's pseudo-masks and of the model (last.pth) and
-    return their per-class IoUs, {"pseudo-mask": [C], "model": [C]} (None on ranks above 0)."""
+    """Train with `args`; print and return the val IoUs {"pseudo-mask": [C], "model": [C]} (None on ranks > 0)."""
     last = os.path.join(args.out, "last.pth")
     ckpt = resume_checkpoint(args, last)  # None for a new run; refused now if it cannot continue this one
     ddp, rank, world, device = setup_distributed(args)
     barrier = dist.barrier if ddp else lambda: None
     train_set, val_set, scorer, classifier = prepare_data(args, device, rank, world, barrier)
-    model, optimizer, region_weight = make_model(args, classifier, device, ddp)
+    model, optimizer, region_weight = make_model(args, classifier, device, ddp, ckpt)
     balancer = region_weight if isinstance(region_weight, RegionBalancer) else None
-    start, best, miou = restore(ckpt, model, optimizer, balancer, last)
-    model_iou = None
+    start, best, miou = (ckpt["iteration"], ckpt["best_miou"], ckpt["miou"]) if ckpt else (0, -1.0, None)
+    ious = {}
 
     def save(path, done):
         nonlocal saved
@@ -812,13 +763,13 @@ def main(args):
             logs = train_one_step(ddp_model, optimizer, scorer, next(batches), None if args.no_local_view else window,
                                   it >= args.carb_start, region_weight, device, watch)
             bar.set_postfix({k: f"{logs[k]:.3f}" for k in LOG_COLUMNS[2:-2] if k in logs} | {"lr": f"{lr:.2e}"})
-            done, validate = it + 1, rank == 0 and ((it + 1) % args.val_every == 0 or it + 1 == args.iters)
-            if validate:
-                model_iou = validate_model(model, val_loader)
-                miou = mean_iou(model_iou)
+            done, val_now = it + 1, rank == 0 and ((it + 1) % args.val_every == 0 or it + 1 == args.iters)
+            if val_now:
+                ious = validate(model, val_loader, scorer if done == args.iters else None)  # the last: CLIP's too
+                miou = mean_iou(ious["model"])
                 tqdm.write(f"iter {done}: val mIoU {miou:.2f}")
-            csv.writer(log).writerow([it, lr, *[logs.get(k, "") for k in LOG_COLUMNS[2:-1]], miou if validate else ""])
-            if validate:
+            csv.writer(log).writerow([it, lr, *[logs.get(k, "") for k in LOG_COLUMNS[2:-1]], miou if val_now else ""])
+            if val_now:
                 save(last, done)
                 if miou > best:
                     best = miou
@@ -829,19 +780,16 @@ def main(args):
                 stop[:] = [s for s in signum.tolist() if s]
             watch("between steps")
             if stop:
-                if rank == 0 and not validate:
+                if rank == 0 and not val_now:
                     save(last, done)
                 raise Interrupted(stop[0], done, last)
     except (CarbError, OSError) as e:  # found mid-run (a truncated image, a full disk): keep the finished iterations
         if rank == 0 and done > saved:
-            try:
+            with contextlib.suppress(CarbError):  # non-finite weights, or the disk is full: last.pth stays as it was
                 save(last, done)
-            except CarbError:  # non-finite weights, or the disk is full: last.pth stays as it was
-                pass
-        if not os.path.isfile(last):  # failed before any iteration could be kept
-            raise CarbError(f"iteration {done}: {e}; nothing was saved") from None
-        raise CarbError(f"iteration {done}: {e}; {last} holds iteration {saved}: once fixed, continue with --resume") \
-            from None
+        kept = f"{last} holds iteration {saved}: once fixed, continue with --resume" if os.path.isfile(last) else \
+            "nothing was saved"  # failed before any iteration could be kept
+        raise CarbError(f"iteration {done}: {e}; {kept}") from None
     finally:
         training_done.set()
         for s, handler in handlers.items():
@@ -852,7 +800,13 @@ def main(args):
         return None
     if args.profile:
         print(watch.table(args.iters - start))
-    return report(args, model, scorer, val_loader, last, model_iou)
+    ious = ious if "pseudo-mask" in ious else validate(model, val_loader, scorer)  # resumed at --iters: none yet
+    if args.data == "synthetic":
+        print("(synthetic stand-in data: these are not Cityscapes results)")
+    print(f"pseudo-mask mIoU: {mean_iou(ious['pseudo-mask']):.2f}\nmodel mIoU: {mean_iou(ious['model']):.2f}")
+    print("per-class table: " + shlex.join(["python", "eval.py", "--data-root", args.data_root, "--ckpt", last,
+                                           "--clip", "--cache-dir", args.cache_dir]))
+    return ious
 
 # 8. Validation: the confusion matrix and mIoU, on the model in memory ---------------------------------
 @torch.no_grad()
@@ -866,15 +820,8 @@ def present_classes(gt, num_classes):
     """trainId mask [H,W] -> [C] float, 1 for each class in it: the image-level labels of one image."""
     return (torch.bincount(gt[gt != 255].long(), minlength=num_classes)[:num_classes] > 0).float()
 
-def clip_pseudo_mask(scorer, images, gts, num_classes):
-    """CLIP's global pseudo-masks of uint8 images [B,3,H,W], restricted to the classes in their GT masks [B,H,W]."""
-    labels = torch.stack([present_classes(g, num_classes) for g in gts])
-    x = TF.normalize(images.float() / 255, CLIP_MEAN, CLIP_STD)
-    return pseudo_mask(scorer(x), labels, gts.shape[-2:])
-
 def confusion_matrix(pred, gt, num_classes):
-    """[C, C+1] counts, rows = GT (255 skipped), columns = prediction; the last column, void predictions (>= C), is a
-    miss for the GT class and a false positive for none, as in the official Cityscapes evaluation."""
+    """[C, C+1] counts, rows = GT, columns = prediction; void predictions (>= C) are misses, as in cityscapesscripts."""
     keep = gt != 255
     idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
     return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
@@ -891,35 +838,21 @@ def mean_iou(iou):
     return 100 * iou[~iou.isnan()].mean().item()
 
 @torch.no_grad()
-def evaluate(predict_fn, loader, num_classes, device):
-    """Per-class IoU over a split of (image, GT) pairs, predict_fn(images, gts) -> trainIds: one confusion matrix."""
-    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
-    for images, gts in tqdm(loader, desc="val", leave=False):
-        images, gts = images.to(device), gts.to(device)
-        conf += confusion_matrix(predict_fn(images, gts), gts, num_classes)
-    return iou_from_confusion(conf)
-
-def validate_model(model, loader):
-    """The model's per-class val IoU, in eval mode (then back to training)."""
+def validate(model, loader, scorer=None):
+    """Per-class val IoUs {"model": [C]} (in eval mode, then back to training); given CLIP's scorer, its global masks'
+    too ("pseudo-mask": each image's restricted to the classes in its GT). One confusion matrix per column."""
     model.eval()
     device, num_classes = next(model.parameters()).device, len(DATASETS[loader.dataset.data].classes)
-    iou = evaluate(lambda images, gts: predict(model, images), loader, num_classes, device)
+    conf = collections.defaultdict(lambda: torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device))
+    for images, gts in tqdm(loader, desc="val", leave=False):
+        images, gts = images.to(device), gts.to(device)
+        if scorer is not None:
+            labels = torch.stack([present_classes(g, num_classes) for g in gts])
+            masks = pseudo_mask(scorer(TF.normalize(images.float() / 255, CLIP_MEAN, CLIP_STD)), labels, gts.shape[-2:])
+            conf["pseudo-mask"] += confusion_matrix(masks, gts, num_classes)
+        conf["model"] += confusion_matrix(predict(model, images), gts, num_classes)
     model.train()
-    return iou
-
-def report(args, model, scorer, loader, last, model_iou=None):
-    """The run's last lines: the val mIoU of CLIP's pseudo-masks and of the model (last.pth), what eval.py prints for
-    them; then the eval.py command of the per-class table. Returns both per-class IoUs."""
-    device, num_classes = next(model.parameters()).device, len(DATASETS[args.data].classes)
-    pseudo = evaluate(lambda images, gts: clip_pseudo_mask(scorer, images, gts, num_classes), loader, num_classes,
-                      device)
-    model_iou = validate_model(model, loader) if model_iou is None else model_iou  # None: resumed at --iters
-    if args.data == "synthetic":
-        print("(synthetic stand-in data: these are not Cityscapes results)")
-    print(f"pseudo-mask mIoU: {mean_iou(pseudo):.2f}\nmodel mIoU: {mean_iou(model_iou):.2f}")
-    print("per-class table: " + shlex.join(["python", "eval.py", "--data-root", args.data_root, "--ckpt", last,
-                                           "--clip", "--cache-dir", args.cache_dir]))
-    return {"pseudo-mask": pseudo, "model": model_iou}
+    return {title: iou_from_confusion(c) for title, c in conf.items()}
 
 # 9. The command line -------------------------------------------------------------------------------
 # Defaults per --data: the official configs/carb/*_carb_dual.py (2 GPUs x 4 images; here 8 on one); synthetic: a CPU.
@@ -941,9 +874,9 @@ DEFAULTS = {
 }
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # a bad flag is one line and exit code 2, as every other bad input
-        moved = [f for f in ("--ablation", "--benchmark") if f in message]  # experiments live in eval.py now
-        raise CarbError(f"{message}: run python eval.py {moved[0]} [carb.py's flags]" if moved else message)
+    def error(self, message):  # a bad flag is one line and exit code 2; the experiments are eval.py's now
+        raise CarbError(message + (": run python eval.py --ablation or --benchmark" if "--ablation" in message
+                                   or "--benchmark" in message else ""))
 
 def number(kind, low, strict=False):
     """An argparse type: a `kind` number >= low (> low if strict)."""
@@ -962,9 +895,9 @@ def get_args_parser():
     p.add_argument("--data-root")
     p.add_argument("--image-labels", metavar="FILE", help='JSON {"IMAGE_ID": ["CLASS", ...]}: no train mask is read')
     p.add_argument("--out", help="run folder: last.pth (score this), best.pth (the best val mIoU: picked on "
-                   "val, so optimistic there; for model selection or a held-out split), log.csv, vis/")
-    p.add_argument("--iters", type=number(int, 1))
-    p.add_argument("--batch-size", type=number(int, 1))
+                   "val, so optimistic there; for model selection or a held-out split), log.csv")
+    for flag, low in [("--iters", 1), ("--batch-size", 1), ("--val-every", 1), ("--workers", 0)]:
+        p.add_argument(flag, type=number(int, low))
     p.add_argument("--crop", type=number(int, 16), nargs=2, metavar=("H", "W"))
     p.add_argument("--scale-range", type=number(float, 0, True), nargs=2, metavar=("LO", "HI"), help="x base_size")
     p.add_argument("--window", type=number(int, 16), nargs=2, metavar=("H", "W"), help="the local view")
@@ -981,9 +914,7 @@ def get_args_parser():
     p.add_argument("--dense-clip", choices=DENSE_CLIP, default="maskclip", help="the pseudo-masks' last CLIP block")
     p.add_argument("--backbone", choices=list(BACKBONES))
     p.add_argument("--backbone-weights", help="torchvision weights name, or 'none'")
-    p.add_argument("--val-every", type=number(int, 1))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=number(int, 0))
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/carb"), help="labels, text embeddings, masks")
     p.add_argument("--global-masks", choices=["online", "precompute"], default="online", help="CLIP per crop or image")
     p.add_argument("--profile", action="store_true", help="time each phase of the step; print a table at the end")
@@ -991,8 +922,7 @@ def get_args_parser():
     return p
 
 def parse_args(argv=None, defaults=None):
-    """The command line, with `defaults` (eval.py's --benchmark) and then --data's for what it leaves out; the
-    refusals that need no file."""
+    """The flags, then `defaults` and --data's for those left out; the refusals that need no file."""
     args = get_args_parser().parse_args(argv)
     for key, value in (DEFAULTS[args.data] | (defaults or {})).items():
         if getattr(args, key, None) is None:
@@ -1024,8 +954,7 @@ def build_scorer(args, device):
     if args.clip_model == "simulated":
         sim = SimulatedCLIP().to(device)
         return sim, sim.text_classifier.cpu()
-    clip_model = load_clip(args.clip_model, device)
-    names = DATASETS[args.data].clip_names
+    clip_model, names = load_clip(args.clip_model, device), DATASETS[args.data].clip_names
     clip_file = [os.path.abspath(args.clip_model)] if os.path.isfile(args.clip_model) else []  # names: clip.load checks
     key = hashlib.sha1(repr((clip_file or args.clip_model, names, TEMPLATES)).encode()).hexdigest()[:16]  # a SHA256
     classifier = cached(os.path.join(args.cache_dir, f"text_{key}.pt"), clip_file,
@@ -1035,8 +964,7 @@ def build_scorer(args, device):
     return scorer, classifier
 
 def run(argv=None, command=None):
-    """The command line, training or `command(argv)` (eval.py's experiments): bad input is one line on stderr and
-    exit code 2; Ctrl-C / SIGTERM exit 130 / 143."""
+    """Train, or `command(argv)` (eval.py's experiments): bad input is one line and exit 2; Ctrl-C/SIGTERM 130/143."""
     script = sys.argv[0] if argv is None else "carb.py"
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
@@ -1062,8 +990,7 @@ def run(argv=None, command=None):
     print(message, file=sys.stderr)
     sys.exit(code)
 
-# Appendix, not part of the method: the synthetic stand-in, for a demo without a GPU, Cityscapes or CLIP weights ====
-# Scenes at a quarter of Cityscapes' size through its camera, a simulated CLIP with a 4-px patch, a small backbone.
+# Appendix, not the method: the synthetic stand-in (scenes at 1/4 Cityscapes' size, a 4-px simulated CLIP) ===========
 SYNTH_COLORS = {  # labelId: (name, RGB): the scene's own colours, one base colour per class
     7: ("road", (80, 80, 88)), 8: ("sidewalk", (175, 160, 150)), 11: ("building", (125, 95, 80)),
     17: ("pole", (45, 45, 40)), 19: ("traffic light", (240, 120, 30)), 20: ("traffic sign", (225, 215, 50)),
@@ -1072,10 +999,8 @@ SYNTH_COLORS = {  # labelId: (name, RGB): the scene's own colours, one base colo
 }
 
 def render_scene(rng, H, W):
-    """A street (RGB uint8 [H,W,3], labelIds [H,W]) through Cityscapes' camera scaled to this width: an object of
-    S m at d m is f*S/d px and stands on row horizon + f*1.2/d (camera 1.2 m up). Far things are painted first."""
-    lab = np.full((H, W), 23, np.uint8)
-    col = np.zeros((H, W, 3), np.float32)
+    """A street (RGB uint8 [H,W,3], labelIds [H,W]) through Cityscapes' camera: S m at d m is f*S/d px."""
+    lab, col = np.full((H, W), 23, np.uint8), np.zeros((H, W, 3), np.float32)
     yy, xx = np.mgrid[0:H, 0:W]
     f = 2262.5 * W / 2048  # Cityscapes' focal length (px), scaled with the image
     horizon = H * 513 / 1024 + rng.normal(0, H / 100)  # its principal point's row, and a little pitch
@@ -1134,11 +1059,7 @@ def make_synthetic(root, size, n_train=300, n_val=40, seed=0):
             Image.fromarray(lab).save(os.path.join(gt_dir, f"synth_{i:06d}_000019_gtFine_labelIds.png"))
 
 class SimulatedCLIP(nn.Module):
-    """MaskCLIP's stand-in (same call), with CLIP's two failures. (i) Small objects are outvoted: pixels vote for the
-    nearest scene colour and a patch scores each class's share, so an object much smaller than a patch loses, and an
-    up-scaled view partly recovers it. (ii) Coherent noise on large regions: blobs 3 and 12 patches across, from the
-    image's own texture, move score between the classes there. It sees pixels only, never GT."""
-
+    """MaskCLIP's stand-in with CLIP's two failures (README): small objects outvoted in a patch, noise on large ones."""
     def __init__(self, noise=0.5, blobs=(3, 12), patch=4, dim=512, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -1158,8 +1079,7 @@ class SimulatedCLIP(nn.Module):
         dist2 = ((rgb[:, None] - self.colors[None, :, :, None, None]) ** 2).sum(2)  # [B, C, H, W]
         share = F.avg_pool2d(torch.softmax(-dist2 / self.temperature, 1), self.patch)  # [B, C, gh, gw]
         texture = rgb - F.avg_pool2d(rgb, 5, 1, 2, count_include_pad=False)
-        field = F.avg_pool2d(F.conv2d(texture, self.projection), self.patch)
-        scores = share
+        field, scores = F.avg_pool2d(F.conv2d(texture, self.projection), self.patch), share
         for k in self.blobs:
             blobs, presence = (F.interpolate(F.avg_pool2d(t, min(k, gh, gw), ceil_mode=True), size=(gh, gw),
                                              mode="bilinear") for t in (field, share))

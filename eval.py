@@ -11,22 +11,22 @@
 --ckpt, --pred-dir and --clip can be combined: each is a column of one table. --vis DIR writes a picture per image,
 --json FILE the numbers. One confusion matrix per column is summed over the split (IoU = tp / (tp + fp + fn));
 classes with neither GT nor predicted pixels are left out of the mean, as in the official Cityscapes evaluation.
-carb.py calls on it too: its validation, pictures and final table; checkpoint checks; --profile's Stopwatch,
---benchmark, --ablation; the precomputed global masks; and `geometry()`, the stand-in's sizes (README).
+The experiments take carb.py's training flags after their own:
+
+    python eval.py --ablation [carb.py flags]    # the paper's Table 3: every variant, three seeds, one table
+    python eval.py --benchmark [carb.py flags]   # the step's phases with the paper's networks, random weights
+
+and `geometry()` prints the stand-in's sizes (README). eval.py imports carb; carb.py never imports eval.py.
 """
 import argparse
-import collections
 import functools
-import hashlib
 import itertools
 import json
 import math
 import os
-import pickle
 import re
 import shlex
 import sys
-import time
 import warnings
 from glob import glob
 
@@ -46,6 +46,8 @@ SUFFIX = {"trainid": "trainIds", "labelid": "labelIds", "color": "color"}  # --s
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate, export and draw carb.py predictions and CLIP pseudo-masks.",
+                                epilog="experiments: eval.py --ablation [carb.py's flags] (the paper's Table 3), "
+                                "eval.py --benchmark [carb.py's flags] (the step's phases)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", choices=list(carb.DEFAULTS), help="default: the --ckpt's, else synthetic")
     p.add_argument("--data-root", help="default: the dataset's carb.py default")
@@ -97,72 +99,6 @@ def check_args(args, has_gt):
         raise carb.CarbError("--clip-tiles must be at least 1, --clip-scale and --scales positive")
 
 
-class EvalSet(torch.utils.data.Dataset):
-    """Images at full resolution with their trainId masks (image uint8 [3,H,W], mask uint8 [H,W]); gts None: no masks
-    (the test split, --images), and the mask is None."""
-
-    def __init__(self, images, gts, data="cityscapes"):
-        self.images, self.gts, self.data = images, gts, data
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        image = carb.read_file(self.images[i])
-        return image, carb.read_train_ids(self.gts[i], self.data) if self.gts else None
-
-
-@torch.no_grad()
-def predict(model, images):
-    """uint8 images [B,3,H,W] -> trainIds [B,H,W]: the whole image at full resolution, as the official test config."""
-    x = TF.normalize(images.float() / 255, carb.IMAGENET_MEAN, carb.IMAGENET_STD)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        return model(x).argmax(1)
-
-
-def present_classes(gt, num_classes):
-    """trainId mask [H,W] -> [C] float, 1 for each class in it: the image-level labels of one image."""
-    return (torch.bincount(gt[gt != 255].long(), minlength=num_classes)[:num_classes] > 0).float()
-
-
-def clip_pseudo_mask(scorer, images, gts, num_classes):
-    """CLIP's global pseudo-masks of uint8 images [B,3,H,W], restricted to the classes in their GT masks [B,H,W]."""
-    labels = torch.stack([present_classes(g, num_classes) for g in gts])
-    x = TF.normalize(images.float() / 255, carb.CLIP_MEAN, carb.CLIP_STD)
-    return carb.pseudo_mask(scorer(x), labels, gts.shape[-2:])
-
-
-def confusion_matrix(pred, gt, num_classes):
-    """[C, C+1] counts, rows = GT (255 skipped), columns = prediction; the last column, void predictions (>= C), is a
-    miss for the GT class and a false positive for none, as in the official Cityscapes evaluation."""
-    keep = gt != 255
-    idx = gt[keep].long() * (num_classes + 1) + pred[keep].long().clamp(0, num_classes)
-    return torch.bincount(idx, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
-
-
-def iou_from_confusion(conf):
-    """Per-class IoU = tp / (tp + fp + fn) of a confusion matrix; NaN for a class neither in GT nor predicted."""
-    conf = conf.double()
-    tp = conf.diagonal()
-    union = conf[:, :len(tp)].sum(0) + conf.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-
-
-def mean_iou(iou):
-    """Mean over the classes that occur (NaN entries left out), in percent."""
-    return 100 * iou[~iou.isnan()].mean().item()
-
-
-@torch.no_grad()
-def evaluate(predict_fn, loader, num_classes, device):
-    """Per-class IoU over a split of (image, GT) pairs, predict_fn(images, gts) -> trainIds: one confusion matrix."""
-    conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device)
-    for images, gts in tqdm(loader, desc="val", leave=False):
-        images, gts = images.to(device), gts.to(device)
-        conf += confusion_matrix(predict_fn(images, gts), gts, num_classes)
-    return iou_from_confusion(conf)
-
-
 def list_images(folder):
     if not os.path.isdir(folder):
         raise carb.CarbError(f"--images {folder} is not a folder")
@@ -172,49 +108,11 @@ def list_images(folder):
     return images
 
 
-def load_checkpoint(path, flag="--ckpt"):
-    """A carb.py checkpoint, loaded with weights_only=True (tensors and plain data; no code is unpickled)."""
-    if not os.path.isfile(path):
-        raise carb.CarbError(f"{flag} {path} not found: pass RUN/last.pth (or RUN/best.pth) of a carb.py run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise carb.CarbError(f"{flag} {path} holds more than tensors and plain data: not a carb.py checkpoint") \
-            from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise carb.CarbError(f"{flag} {path} cannot be read ({str(e).splitlines()[0]}): truncated or not a "
-                             "checkpoint; use the run's other checkpoint (last.pth / best.pth)") from None
-    if not (isinstance(ckpt, dict) and {"model", "iteration", "args"} <= ckpt.keys()
-            and isinstance(ckpt["model"], dict) and isinstance(ckpt["args"], dict)):
-        raise carb.CarbError(f"{flag} {path} is not a carb.py checkpoint (no model, iteration and args)")
-    return ckpt
-
-
-def resume_checkpoint(args, last):
-    """carb.py: None for a new run; for --resume, RUN/last.pth; refused now if it cannot continue the run."""
-    if os.path.isfile(args.out):
-        raise carb.CarbError(f"--out {args.out} is a file: pass a folder")
-    if args.resume and not os.path.isfile(last):
-        raise carb.CarbError(f"--resume: {last} not found; drop --resume to start a new run")
-    if not args.resume and os.path.isfile(last):  # a new run would overwrite it at its first validation
-        raise carb.CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass "
-                             "another --out (or delete it) to start anew")
-    ckpt = load_checkpoint(last, "--resume") if args.resume else None
-    for key in ("data", "backbone", "optimizer", "clip_model", "dense_clip") if ckpt else ():
-        trained = ckpt["args"].get(key, "maskclip" if key == "dense_clip" else None)  # runs from before --dense-clip
-        if trained != getattr(args, key):
-            raise carb.CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {trained}, not "
-                                 f"{getattr(args, key)}: pass the run's own")
-    if ckpt and ckpt["iteration"] > args.iters:
-        raise carb.CarbError(f"--resume: {last} is at iteration {ckpt['iteration']}, beyond --iters {args.iters}")
-    return ckpt
-
-
 def load_model(path, device, data=None):
     """(Segmenter in eval mode, run args) of a checkpoint, built from its own --backbone; its text classifier is in
     its weights, so no CLIP is needed. It must be for the classes of `data` (default: the --data it was trained
     with); a checkpoint that does not fit is a one-line error."""
-    ckpt = load_checkpoint(path)
+    ckpt = carb.load_checkpoint(path)
     state, backbone = ckpt["model"], ckpt["args"].get("backbone")
     trained_on = ckpt["args"].get("data", data or "cityscapes")  # a checkpoint without it: the classes of `data`
     data = data or trained_on
@@ -367,66 +265,6 @@ def vis_strip(image, masks, data="cityscapes", title_h=16, legend_w=112, max_w=1
     return strip
 
 
-class Stopwatch:
-    """carb.py --profile, --benchmark: `watch(phase)` charges the time since its last call to `phase` (CUDA synced)."""
-    STEP = ["data wait", "CLIP global", "CLIP local", "segmentation forward+backward", "CARB loss and balancer",
-            "optimizer"]
-
-    def __init__(self, device):
-        self.device, self.totals, self.last = device, collections.Counter(), time.perf_counter()
-
-    def __call__(self, phase):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.totals[phase] += time.perf_counter() - self.last
-        self.last = time.perf_counter()
-
-
-def draw_samples(model, scorer, dataset, vis_dir, n=4):
-    """carb.py's training-time pictures: n images of `dataset`, each image | CLIP pseudo-mask | prediction | GT."""
-    device, num_classes = next(model.parameters()).device, len(carb.DATASETS[dataset.data].classes)
-    os.makedirs(vis_dir, exist_ok=True)
-    for i in range(0, len(dataset), max(1, len(dataset) // n))[:n]:
-        image, gt = (t.to(device) for t in dataset[i])
-        masks = {"CLIP pseudo-mask": clip_pseudo_mask(scorer, image[None], gt[None], num_classes)[0],
-                 "prediction": predict(model, image[None])[0], "GT": gt}
-        vis_strip(image, masks, dataset.data).save(os.path.join(vis_dir, carb.image_id(dataset.images[i]) + ".png"))
-
-
-def profile_table(totals, steps):
-    """Stopwatch's totals as a table: seconds, ms per step and share of the step, per phase."""
-    step = sum(totals[p] for p in Stopwatch.STEP)
-    lines = [f"{'phase':<34}{'total s':>10}{'ms/step':>10}{'% of step':>11}"]
-    for phase, t in [(p, totals[p]) for p in Stopwatch.STEP] + [("step", step)]:
-        lines.append(f"{phase:<34}{t:>10.2f}{1000 * t / max(steps, 1):>10.1f}{100 * t / max(step, 1e-9):>11.1f}")
-    lines.append(f"{'(between steps: val, checkpoints)':<34}{sum(totals.values()) - step:>10.2f}")
-    return "\n".join(lines)
-
-
-@torch.no_grad()
-def precompute_global_masks(scorer, classifier, images, labels, args, device, rank=0, world=1):
-    """--global-masks precompute (the official "single path"): each training image's global pseudo-mask, once, at
-    the base size, as a PNG that WeakTrainSet augments with its image; each rank writes every world-th one."""
-    model = os.path.abspath(args.clip_model) if os.path.isfile(args.clip_model) else args.clip_model
-    inputs = repr(([os.path.abspath(p) for p in images], model, args.dense_clip, tuple(args.base_size))).encode()
-    key = hashlib.sha1(inputs + labels.numpy().tobytes() + classifier.float().numpy().tobytes()).hexdigest()[:16]
-    folder = os.path.join(args.cache_dir, f"global_masks_{key}")
-    os.makedirs(folder, exist_ok=True)
-    stats = [os.stat(p) for p in images]  # in the names: a changed image gets a new mask
-    paths = [os.path.join(folder, f"{i:05d}_{carb.image_id(p)}_{s.st_size}_{s.st_mtime_ns}.png")
-             for i, (p, s) in enumerate(zip(images, stats))]
-    for i in tqdm(range(rank, len(images), world), desc="global pseudo-masks", leave=False, disable=rank > 0):
-        if not os.path.isfile(paths[i]):  # a file that exists is complete
-            img = carb.read_file(images[i])
-            s = min(max(args.base_size) / max(img.shape[-2:]), min(args.base_size) / min(img.shape[-2:]))
-            size = [max(1, round(img.shape[1] * s)), max(1, round(img.shape[2] * s))]  # WeakTrainSet's, at ratio 1
-            x = TF.normalize(TF.resize(img, size, antialias=True)[None].to(device) / 255, carb.CLIP_MEAN, carb.CLIP_STD)
-            mask = carb.pseudo_mask(scorer(x), labels[i:i + 1].to(device), size)[0]
-            Image.fromarray(mask.byte().cpu().numpy()).save(paths[i] + ".tmp", format="PNG")
-            os.replace(paths[i] + ".tmp", paths[i])
-    return paths
-
-
 def runs(mask):
     """The lengths of the runs of True in each row of a boolean array."""
     steps = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
@@ -461,10 +299,10 @@ def save_prediction(mask, image_id, out_dir, formats, data):
 def summarize(conf, class_names):
     """Per-class IoU, mIoU and pixel accuracy (in percent, None where undefined) and the pixel counts behind them,
     of one [C, C+1] confusion matrix (GT-ignored pixels are not in it)."""
-    iou, conf = iou_from_confusion(conf), conf.cpu()
+    iou, conf = carb.iou_from_confusion(conf), conf.cpu()
     tp, labelled = conf.diagonal(), conf.sum().item()
     number = lambda v: None if math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
-    return {"miou": number(mean_iou(iou)), "pixel_accuracy": 100 * tp.sum().item() / max(labelled, 1),
+    return {"miou": number(carb.mean_iou(iou)), "pixel_accuracy": 100 * tp.sum().item() / max(labelled, 1),
             "labelled_pixels": labelled,
             "classes": {name: {"iou": number(100 * iou[c].item()), "gt_pixels": conf[c].sum().item(),
                                "predicted_pixels": conf[:, c].sum().item(), "true_positives": tp[c].item()}
@@ -480,7 +318,7 @@ def format_table(columns, class_names):
         if not all(math.isnan(v) for v in values):
             lines.append(f"{name:<15}" + "".join(f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>{n}}"
                                                  for v, n in zip(values, widths)))
-    lines.append(f"{'mIoU':<15}" + "".join(f"{mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
+    lines.append(f"{'mIoU':<15}" + "".join(f"{carb.mean_iou(c):>{n}.2f}" for c, n in zip(columns.values(), widths)))
     return "\n".join(lines)
 
 
@@ -497,7 +335,7 @@ BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="res
 
 
 def ablation(argv):
-    """carb.py --ablation: every ABLATION variant with each seed, the same budget, through carb.main(); a table."""
+    """--ablation: every ABLATION variant with each seed, the same budget, through carb.main(); a table."""
     given = carb.get_args_parser().parse_args(argv)  # as given; then with the defaults (the ablation sets
     args = carb.parse_args(argv + ["--carb-start", "0"])  # --carb-start itself, below)
     iters = given.iters or ABLATION_ITERS.get(args.data, args.iters)
@@ -511,12 +349,11 @@ def ablation(argv):
         flags = [str(iters) if f == "ITERS" else f for f in flags] + ["--seed", str(seed)]
         out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
         print(f"\n=== ablation {name}: carb.py {shlex.join(flags)} --out {out}", flush=True)
-        run_argv = [a for a in argv if a != "--ablation"] + ["--iters", str(iters), "--val-every", str(iters)]
-        table = carb.main(carb.parse_args(run_argv + ["--carb-start", str(carb_start), *flags, "--out", out]))
-        ious = [table["model"]["classes"][names[c]]["iou"] for c in small]
-        results[name, seed] = [table["model"]["miou"]] + [math.nan if v is None else v for v in ious]
+        run_argv = argv + ["--iters", str(iters), "--val-every", str(iters), "--carb-start", str(carb_start)]
+        ious = carb.main(carb.parse_args(run_argv + flags + ["--out", out]))
+        results[name, seed] = [carb.mean_iou(ious["model"])] + [100 * ious["model"][c].item() for c in small]
     print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU "
-          f"{table['pseudo-mask']['miou']:.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
+          f"{carb.mean_iou(ious['pseudo-mask']):.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
     print(f"{'':<26}" + "".join(f"{c:>20}" for c in ["mIoU"] + [f"IoU {names[c]}" for c in small]))
     for name, _ in ABLATION:
         runs = torch.tensor([results[name, s] for s in ABLATION_SEEDS])
@@ -524,9 +361,10 @@ def ablation(argv):
     return results
 
 
-def benchmark(args, steps=3):
+def benchmark(argv, steps=3):
     """--benchmark: --profile's stopwatch over a few steps of the paper's networks, CLIP ViT-B/16 and DeepLabV3
     (--backbone) with random weights, on a random batch: no data, no downloads. The first step warms up."""
+    args = carb.parse_args(argv, defaults=BENCHMARK)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clip imports pkg_resources
         import clip
@@ -539,24 +377,18 @@ def benchmark(args, steps=3):
     model, optimizer, balancer = carb.make_model(args, classifier, device)
     batch = (torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8), (torch.rand(B, C) < 0.5).float(),
              torch.tensor([[H, W]] * B))
-    watch = Stopwatch(device)
+    watch = carb.Stopwatch(device)
     for step in tqdm(range(steps + 1), desc="benchmark", leave=False):
         window = carb.sample_window(args.crop, args.window, *args.multiplier, torch.Generator().manual_seed(step))
         if step == 1:  # the first step warms up
             watch.totals.clear()
-        loss, _ = carb.train_one_step(model, scorer, batch, window, True, balancer, device, watch)
-        watch("CARB loss and balancer")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        watch("segmentation forward+backward")
-        optimizer.step()
-        watch("optimizer")
+        carb.train_one_step(model, optimizer, scorer, batch, window, True, balancer, device, watch)
     print(f"benchmark: DeepLabV3-{args.backbone} + CLIP ViT-B/16, random weights, {device.type} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}; crop {H}x{W}, batch {B}, window "
           f"{window[2]}x{window[3]}; {steps} steps after a warm-up step")
-    print(profile_table(watch.totals, steps))
+    print(watch.table(steps))
     t = watch.totals
-    step = sum(t[p] for p in Stopwatch.STEP)
+    step = sum(t[p] for p in carb.Stopwatch.STEP)
     unavoidable = t["CLIP global"] + t["CLIP local"] + t["segmentation forward+backward"] + t["optimizer"]
     print(f"step/unavoidable: {step / unavoidable:.2f}")
     print(f"carb share: {100 * t['CARB loss and balancer'] / step:.1f}%")
@@ -603,7 +435,7 @@ def main(args):
                 views[f"{name} x{args.clip_scale:g} {args.clip_tiles}x{args.clip_tiles}"] = \
                     lambda image, labels, i, view=view: clip_view(view, image, labels, args.clip_scale, args.clip_tiles)
     if model is not None:
-        views["model"] = lambda image, labels, i: predict(model, image[None])[0]
+        views["model"] = lambda image, labels, i: carb.predict(model, image[None])[0]
         if args.flip or args.scales != [1.0]:  # reported beside the single-scale number, never instead of it
             views["model TTA"] = lambda image, labels, i: predict_tta(model, image[None], args.scales, args.flip)[0]
     if args.pred_dir:
@@ -616,15 +448,16 @@ def main(args):
             os.makedirs(folder, exist_ok=True)
 
     conf = {title: torch.zeros(C, C + 1, dtype=torch.long, device=device) for title in views}
-    loader = torch.utils.data.DataLoader(EvalSet(images, gts, args.data), batch_size=None, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(carb.EvalSet(images, gts, args.data), batch_size=None,
+                                         num_workers=args.workers)
     for i, (image, gt) in enumerate(tqdm(loader, desc="images" if args.images else args.split)):
         image = image.to(device)
         gt = None if gt is None else gt.to(device)
-        labels = None if gt is None else present_classes(gt, C)
+        labels = None if gt is None else carb.present_classes(gt, C)
         masks = {title: view(image, labels, i) for title, view in views.items()}
         if gt is not None:
             for title, mask in masks.items():
-                conf[title] += confusion_matrix(mask, gt, C)
+                conf[title] += carb.confusion_matrix(mask, gt, C)
         if args.save_dir:
             save_prediction(masks[saved], ids[i], args.save_dir, formats, args.data)
         if args.vis:
@@ -633,7 +466,7 @@ def main(args):
     results = None
     if gts is not None:
         results = {title: summarize(c, ds.classes) for title, c in conf.items()}
-        print(format_table({title: iou_from_confusion(c) for title, c in conf.items()}, ds.classes))
+        print(format_table({title: carb.iou_from_confusion(c) for title, c in conf.items()}, ds.classes))
         if args.data == "synthetic":
             print("(synthetic stand-in data: these are not Cityscapes results)")
         if "model TTA" in views:
@@ -651,9 +484,15 @@ def main(args):
     return results
 
 
+EXPERIMENTS = {"--ablation": ablation, "--benchmark": benchmark}  # each takes carb.py's training flags
+
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except carb.CarbError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    experiment = next((a for a in sys.argv[1:] if a in EXPERIMENTS), None)
+    if experiment:
+        carb.run([a for a in sys.argv[1:] if a != experiment], EXPERIMENTS[experiment])
+    else:
+        try:
+            main(get_args_parser().parse_args())
+        except carb.CarbError as e:
+            print(f"eval.py: error: {e}", file=sys.stderr)
+            sys.exit(2)

@@ -528,19 +528,20 @@ def carb_inputs():
     return logits, torch.tensor([PSEUDO]).reshape(1, 1, 5), torch.tensor([LABELS])
 
 
-def test_carb_loss_regions_and_float_weight():
+def test_region_losses_regions_and_carb_loss_with_a_float_weight():
     logits, mask, labels = carb_inputs()
-    loss, ce_c, ce_i = carb.carb_loss(logits, mask, labels, 0.25)
+    ce_c, ce_i, consistent, inconsistent = carb.region_losses(logits, mask, labels)
+    assert consistent.tolist() == [[[True, True, False, False, False]]]  # columns 0 and 1, by the table above
+    assert inconsistent.tolist() == [[[False, False, False, True, True]]]  # column 2 is ignored: in neither
     assert ce_c.item() == pytest.approx(CE_C, rel=1e-5)
     assert ce_i.item() == pytest.approx(CE_I, rel=1e-5)
+    loss = carb.carb_loss(logits, mask, labels, 0.25)
     assert loss.item() == pytest.approx(CE_C + 0.25 * CE_I, rel=1e-5)
-    assert not ce_c.requires_grad and not ce_i.requires_grad
 
 
 def test_carb_loss_gradient_by_hand():
     logits, mask, labels = carb_inputs()
-    loss, _, _ = carb.carb_loss(logits, mask, labels, 0.25)
-    loss.backward()
+    carb.carb_loss(logits, mask, labels, 0.25).backward()
     # d CE / d z = softmax(z) - onehot, divided by the region size (2 each), times 0.25 for the inconsistent one
     expected = np.zeros_like(LOGITS)
     for col, scale in [(0, 0.5), (1, 0.5), (3, 0.125), (4, 0.125)]:
@@ -553,35 +554,31 @@ def test_carb_loss_gradient_by_hand():
     np.testing.assert_allclose(grad, expected, atol=1e-6)  # column 2 (ignored) gets exactly 0
 
 
-def test_carb_loss_callable_weight_gets_this_calls_values():
+def test_carb_loss_is_pure_and_takes_only_a_float():
     logits, mask, labels = carb_inputs()
-    calls = []
-
-    def weight(c, i):
-        calls.append((c, i))
-        return 0.5
-
-    loss, _, _ = carb.carb_loss(logits, mask, labels, weight)
-    assert len(calls) == 1
-    c, i = calls[0]
-    assert not c.requires_grad and not i.requires_grad
-    assert c.item() == pytest.approx(CE_C, rel=1e-5) and i.item() == pytest.approx(CE_I, rel=1e-5)
-    assert loss.item() == pytest.approx(CE_C + 0.5 * CE_I, rel=1e-5)
+    balancer = carb.RegionBalancer()
+    first = carb.carb_loss(logits, mask, labels, 0.5)
+    assert carb.carb_loss(logits, mask, labels, 0.5).item() == first.item()  # no state between calls
+    assert balancer.consistent == [] and first.item() == pytest.approx(CE_C + 0.5 * CE_I, rel=1e-5)
+    with pytest.raises(TypeError):
+        carb.carb_loss(logits, mask, labels, lambda c, i: 0.5)  # the float-or-callable weight is gone
 
 
 def test_carb_loss_all_consistent_gives_zero_inconsistent_ce():
     logits, _, labels = carb_inputs()
     mask = torch.tensor([[[0, 1, 255, 0, 1]]])  # the labelled argmax everywhere
-    loss, ce_c, ce_i = carb.carb_loss(logits, mask, labels, carb.RegionBalancer())
+    ce_c, ce_i, _, inconsistent = carb.region_losses(logits, mask, labels)
     expected_c = (nll(0, 0) + nll(1, 1) + nll(3, 0) + nll(4, 1)) / 4
-    assert ce_i.item() == 0.0
+    assert ce_i.item() == 0.0 and not inconsistent.any()
     assert ce_c.item() == pytest.approx(expected_c, rel=1e-5)
-    assert loss.item() == pytest.approx(expected_c, rel=1e-5)
+    assert carb.carb_loss(logits, mask, labels, 7.0).item() == pytest.approx(expected_c, rel=1e-5)
 
 
 def test_carb_loss_all_ignored_is_exactly_zero():
     logits, _, labels = carb_inputs()
-    loss, ce_c, ce_i = carb.carb_loss(logits, torch.full((1, 1, 5), 255), labels, carb.RegionBalancer())
+    mask = torch.full((1, 1, 5), 255)
+    ce_c, ce_i, _, _ = carb.region_losses(logits, mask, labels)
+    loss = carb.carb_loss(logits, mask, labels, 1.0)
     assert loss.item() == 0.0 and ce_c.item() == 0.0 and ce_i.item() == 0.0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
@@ -593,25 +590,25 @@ def test_region_balancer_window_mean_ratio():
     # 0.5 * mean(last 3 c) / mean(last 3 i), by hand
     expected = [0.5 * 1 / 2, 0.5 * 1.5 / 2, 0.5 * 2 / (8 / 3), 0.5 * 3 / (14 / 3), 0.5 * 4 / (13 / 3)]
     for (c, i), w in zip(pushes, expected):
-        assert balancer(torch.tensor(float(c)), torch.tensor(float(i))) == pytest.approx(w)
+        assert balancer.update(torch.tensor(float(c)), torch.tensor(float(i))) == pytest.approx(w)
         assert balancer.weight == pytest.approx(w)
 
 
 def test_region_balancer_zero_inconsistent_gives_coeff():
     balancer = carb.RegionBalancer(coeff=0.7, window=5)
-    assert balancer(1.3, 0.0) == 0.7 and balancer.weight == 0.7
+    assert balancer.update(1.3, 0.0) == 0.7 and balancer.weight == 0.7
 
 
 def test_region_balancer_state_round_trip(tmp_path):
     a = carb.RegionBalancer()
     for c, i in [(1.0, 2.0), (0.5, 3.0), (2.0, 1.0), (1.5, 1.5), (0.2, 4.0), (3.0, 1.0)]:
-        a(c, i)
+        a.update(c, i)
     torch.save(a.state_dict(), tmp_path / "b.pt")  # as in a checkpoint
     b = carb.RegionBalancer()
     b.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
     assert b.weight == a.weight
     for c, i in [(1.0, 1.0), (4.0, 0.5), (0.1, 2.0)]:
-        assert b(c, i) == a(c, i)
+        assert b.update(c, i) == a.update(c, i)
 
 
 def test_masked_cross_entropy_matches_torch_mean():
@@ -661,20 +658,34 @@ def by_hand_ce(logits, mask, labels, weight=None):
     return ce[agree].mean() + weight * ce[valid & ~agree].mean()
 
 
+def sgd_step(model):
+    """(a copy of `model` as it is now, an SGD optimizer with lr 1 for `model`): after one step each parameter of
+    `model` must be the copy's minus the gradient of the by-hand loss at the copy."""
+    return copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=1.0)
+
+
+def assert_stepped(model, before, expected_loss):
+    expected_loss.backward()
+    for p, q in zip(model.parameters(), before.parameters()):
+        torch.testing.assert_close(p.detach(), (q - q.grad).detach(), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("carb_on", [False, True])
 def test_train_one_step_global_and_local_views(carb_on):
     """Image 1 of the batch is padding below row 20 and right of column 40 (valid_hw 20x40 in the 32x64 crop): those
-    pixels are ignored (255) in the global mask and in the local one (window rows 8-24, columns 16-48)."""
+    pixels are ignored (255) in the global mask and in the local one (window rows 8-24, columns 16-48). The step is
+    whole: the weights come back moved by one SGD step on the by-hand loss of both views."""
     batch, scorer, seen, model = step_setup()
     images, labels, valid_hw = batch
     images[1, :, 20:], images[1, :, :, 40:] = 0, 0  # as WeakTrainSet pads
     valid_hw[1] = torch.tensor([20, 40])
     window = (8, 16, 16, 32, 1.5)  # top, left, h, w, m
-    loss, logs = carb.train_one_step(model, scorer, batch, window, carb_on, 0.03, torch.device("cpu"))
+    before, optimizer = sgd_step(model)
+    logs = carb.train_one_step(model, optimizer, scorer, batch, window, carb_on, 0.03, torch.device("cpu"))
     assert seen == [(32, 64), (24, 48)]  # CLIP on the crop, then on the window up-scaled x1.5
     x = images.float() / 255
     clip_x = TF.normalize(x, carb.CLIP_MEAN, carb.CLIP_STD)
-    logits = model(TF.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
+    logits = before(TF.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
     global_mask = carb.pseudo_mask(scorer(clip_x), labels, (32, 64))
     local_clip = F.interpolate(clip_x[:, :, 8:24, 16:48], size=(24, 48), mode="bilinear", align_corners=False)
     local_mask = carb.pseudo_mask(scorer(local_clip), labels, (16, 32))
@@ -685,28 +696,63 @@ def test_train_one_step_global_and_local_views(carb_on):
     unpadded = (by_hand_ce(logits, global_mask, labels, weight)
                 + by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, labels, weight))
     global_mask[padding], local_mask[padding[:, 8:24, 16:48]] = 255, 255
-    expected = (by_hand_ce(logits, global_mask, labels, weight)
-                + by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, labels, weight))
-    assert torch.allclose(loss, expected, atol=1e-5)
-    assert not torch.allclose(loss, unpadded, atol=1e-3)  # the padding would have counted
-    assert logs["global"] == pytest.approx(by_hand_ce(logits, global_mask, labels, weight).item(), rel=1e-5)
+    global_loss = by_hand_ce(logits, global_mask, labels, weight)
+    local_loss = by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, labels, weight)
+    assert logs["global"] == pytest.approx(global_loss.item(), rel=1e-5)
+    assert logs["local"] == pytest.approx(local_loss.item(), rel=1e-5)
+    assert abs(logs["global"] + logs["local"] - unpadded.item()) > 1e-3  # the padding would have counted
     assert ("w" in logs) == carb_on and logs.get("w", 0.03) == 0.03
     # the region fractions of the log, over the unpadded pixels only
     prediction = torch.where(labels[:, :, None, None] > 0, logits, torch.tensor(-1e9)).argmax(1)
     agree = (prediction == global_mask) & ~padding
     assert logs["consistent"] == pytest.approx(agree.sum().item() / (~padding).sum().item())
     assert logs["consistent"] + logs["inconsistent"] == pytest.approx(1)
+    assert logs["ce_c"] == pytest.approx(by_hand_ce(logits, torch.where(agree, global_mask, 255), labels).item(),
+                                         rel=1e-5)
+    assert_stepped(model, before, global_loss + local_loss)
 
 
 def test_train_one_step_without_local_view_is_global_only():
     batch, scorer, seen, model = step_setup()
-    loss, logs = carb.train_one_step(model, scorer, batch, None, True, 0.5, torch.device("cpu"))
+    before, optimizer = sgd_step(model)
+    logs = carb.train_one_step(model, optimizer, scorer, batch, None, True, 0.5, torch.device("cpu"))
     assert seen == [(32, 64)]  # no second CLIP pass
     x = batch[0].float() / 255
-    logits = model(TF.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
+    logits = before(TF.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
     global_mask = carb.pseudo_mask(scorer(TF.normalize(x, carb.CLIP_MEAN, carb.CLIP_STD)), batch[1], (32, 64))
-    assert torch.allclose(loss, by_hand_ce(logits, global_mask, batch[1], 0.5), atol=1e-5)
+    expected = by_hand_ce(logits, global_mask, batch[1], 0.5)
+    assert logs["global"] == pytest.approx(expected.item(), rel=1e-5)
     assert "local" not in logs and logs["w"] == 0.5
+    assert_stepped(model, before, expected)
+
+
+def test_train_one_step_queues_only_the_global_views_ces_and_the_local_view_reuses_its_w():
+    """The balancer gets one update per step, with the global view's CE(R_c) and CE(R_i); the local view is weighted
+    by the w that update returned (a balancer passed to both views would have queued the local CEs too)."""
+    batch, scorer, _, model = step_setup()
+    images, labels, _ = batch
+    balancer = carb.RegionBalancer()
+    balancer.update(0.4, 2.0)  # an earlier iteration's CEs
+    before, optimizer = sgd_step(model)
+    window = (8, 16, 16, 32, 1.5)
+    logs = carb.train_one_step(model, optimizer, scorer, batch, window, True, balancer, torch.device("cpu"))
+    x = images.float() / 255
+    clip_x = TF.normalize(x, carb.CLIP_MEAN, carb.CLIP_STD)
+    logits = before(TF.normalize(x, carb.IMAGENET_MEAN, carb.IMAGENET_STD))
+    global_mask = carb.pseudo_mask(scorer(clip_x), labels, (32, 64))
+    prediction = torch.where(labels[:, :, None, None] > 0, logits, torch.tensor(-1e9)).argmax(1)
+    agree = prediction == global_mask
+    ce_c = by_hand_ce(logits, torch.where(agree, global_mask, 255), labels).item()
+    ce_i = by_hand_ce(logits, torch.where(~agree, global_mask, 255), labels).item()
+    assert balancer.consistent == pytest.approx([0.4, ce_c], rel=1e-5)  # one entry per step: the global view's
+    assert balancer.inconsistent == pytest.approx([2.0, ce_i], rel=1e-5)
+    w = (0.4 + ce_c) / (2.0 + ce_i)  # queued before it is read, as in the official head
+    assert logs["w"] == pytest.approx(w, rel=1e-5)
+    local_clip = F.interpolate(clip_x[:, :, 8:24, 16:48], size=(24, 48), mode="bilinear", align_corners=False)
+    local_mask = carb.pseudo_mask(scorer(local_clip), labels, (16, 32))
+    local_loss = by_hand_ce(logits[:, :, 8:24, 16:48], local_mask, labels, w)
+    assert logs["local"] == pytest.approx(local_loss.item(), rel=1e-5)
+    assert_stepped(model, before, by_hand_ce(logits, global_mask, labels, w) + local_loss)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -718,12 +764,12 @@ def test_iou_from_confusion_and_mean_iou():
                          [0, 0, 0, 0],  # class 1: predicted (4 px) but absent from GT -> IoU 0, counted
                          [0, 0, 0, 0],  # class 2: in neither -> NaN, left out
                          [1, 3, 0, 4]])
-    iou = evaluation.iou_from_confusion(conf)
+    iou = carb.iou_from_confusion(conf)
     assert iou[0].item() == pytest.approx(5 / 9)  # tp 5, union 8 + 6 - 5
     assert iou[1].item() == 0.0
     assert math.isnan(iou[2].item())
     assert iou[3].item() == pytest.approx(4 / 10)  # tp 4, union 8 + 6 - 4
-    assert evaluation.mean_iou(iou) == pytest.approx(100 * (5 / 9 + 0 + 0.4) / 3)
+    assert carb.mean_iou(iou) == pytest.approx(100 * (5 / 9 + 0 + 0.4) / 3)
 
 
 def test_confusion_matrix_matches_loop():
@@ -736,18 +782,18 @@ def test_confusion_matrix_matches_loop():
     for g, p in zip(gt.ravel(), pred.ravel()):
         if g != 255:
             expected[g, min(p, 5)] += 1
-    conf = evaluation.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt).to(torch.uint8), 5)
+    conf = carb.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt).to(torch.uint8), 5)
     np.testing.assert_array_equal(conf.numpy(), expected)
 
 
 def test_void_prediction_is_a_miss_and_no_false_positive():
     # GT road road car car, prediction road void void car: road tp 1, fn 1; car tp 1, fn 1; nobody gets an fp
-    conf = evaluation.confusion_matrix(torch.tensor([0, 255, 255, 13]), torch.tensor([0, 0, 13, 13], dtype=torch.uint8), C)
+    conf = carb.confusion_matrix(torch.tensor([0, 255, 255, 13]), torch.tensor([0, 0, 13, 13], dtype=torch.uint8), C)
     assert conf.shape == (C, C + 1) and conf[:, C].sum() == 2
-    iou = evaluation.iou_from_confusion(conf)
+    iou = carb.iou_from_confusion(conf)
     assert iou[0].item() == 0.5 and iou[13].item() == 0.5
     assert iou.isnan().sum() == C - 2
-    assert evaluation.mean_iou(iou) == 50.0
+    assert carb.mean_iou(iou) == 50.0
 
 
 def test_train_to_label_and_image_id():
@@ -861,15 +907,23 @@ def test_train_cli_prints_both_mious_and_saves_checkpoint(trained):
     assert len(ckpt["balancer"]["consistent"]) == 2  # CARB ran at iterations 2 and 3
 
 
-def test_training_writes_val_strips(trained):
-    # at each validation (iterations 2 and 4): image | CLIP pseudo-mask | prediction | GT for the 2 val images
-    for it in ("2", "4"):
-        vis = trained["run"] / "vis" / it
-        assert sorted(os.listdir(vis)) == ["x_000000_000000.png", "x_000000_000001.png"]
-        for name, (top, bottom) in [("x_000000_000000.png", (SKY, CAR)), ("x_000000_000001.png", (SKY, ROAD))]:
-            strip = Image.open(vis / name).convert("RGB")
-            assert strip.width == 4 * 128 and strip.height >= 16 + 64 + 16
-            assert strip.getpixel((3 * 128 + 60, 16 + 2)) == top and strip.getpixel((3 * 128 + 60, 16 + 62)) == bottom
+def test_training_draws_no_pictures_eval_vis_does(trained):
+    # carb.py trains and prints; pictures are eval.py --vis's (image | CLIP pseudo-mask | model | GT)
+    assert sorted(os.listdir(trained["run"])) == ["best.pth", "last.pth", "log.csv"]
+
+
+def test_carb_prints_what_eval_prints_for_last_pth_and_the_command_that_prints_it(trained):
+    r = trained["first"]
+    command = re.findall(r"^per-class table: (.+)$", r.stdout, re.M)
+    assert len(command) == 1 and r.stdout.rstrip().endswith(command[0]), r.stdout  # the run's last line
+    argv = shlex.split(command[0])
+    assert argv[:2] == ["python", "eval.py"] and argv[argv.index("--ckpt") + 1] == str(trained["run"] / "last.pth")
+    e = cli(*argv[1:], "--data", "cityscapes", "--device", "cpu", "--workers", 0, home=trained["home"])
+    assert e.returncode == 0, e.stderr[-3000:]
+    for name in ("pseudo-mask", "model"):  # the same weights, val split and device: the same numbers
+        printed = re.findall(rf"^{name} mIoU: (\S+)$", r.stdout, re.M)
+        assert printed == re.findall(rf"^{name} mIoU: (\S+)$", e.stdout, re.M) and len(printed) == 1, (r.stdout,
+                                                                                                    e.stdout)
 
 
 def test_eval_cli(trained):
@@ -879,10 +933,8 @@ def test_eval_cli(trained):
     found = re.findall(r"^model mIoU: (\S+)$", r.stdout, re.M)
     assert len(found) == 1 and 0 <= float(found[0]) <= 100
     assert re.search(r"^model pixel accuracy: \S+$", r.stdout, re.M)
-    # the same weights (last.pth is the final model), the same val split, the same device: the same number
-    trained_miou = re.findall(r"^model mIoU: (\S+)$", trained["first"].stdout, re.M)
-    assert found == trained_miou, (found, trained_miou)
-    assert model_column(r.stdout) == model_column(trained["first"].stdout)  # and class by class
+    cells = model_column(r.stdout)
+    assert statistics.mean(float(v) for v in cells.values()) == pytest.approx(float(found[0]), abs=0.01)
 
 
 def model_column(stdout):
@@ -1101,13 +1153,12 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch
                        "--clip-model", trained["clip"],
                        "--cache-dir", tmp_path / "cache", "--workers", 0)
     assert list(results) == ["pseudo-mask", "pseudo-mask x2 2x2"]
-    # the original view, by clip_pseudo_mask (the route of the training pictures' CLIP panel)
+    # the original view, by carb.validate (the route of carb.py's printed pseudo-mask mIoU)
     scorer, _ = carb.build_scorer(argparse.Namespace(data="cityscapes", clip_model=str(trained["clip"]),
                                                      dense_clip="maskclip", cache_dir=str(tmp_path / "c2")),
                                   torch.device("cpu"))
-    loader = torch.utils.data.DataLoader(evaluation.EvalSet(*carb.list_split(str(root), "val")), batch_size=1)
-    pseudo = functools.partial(evaluation.clip_pseudo_mask, scorer, num_classes=C)
-    expected = evaluation.mean_iou(evaluation.evaluate(pseudo, loader, C, torch.device("cpu")))
+    loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(root), "val")), batch_size=1)
+    expected = carb.mean_iou(carb.validate(nn.Conv2d(3, C, 1), loader, scorer)["pseudo-mask"])
     assert results["pseudo-mask"]["miou"] == pytest.approx(expected)
 
     # Both columns by hand, with a CLIP that says sky (10) where what it sees is mostly white, else road (0), and
@@ -1145,10 +1196,9 @@ def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch
         assert got == pytest.approx({name: 100 * v for name, v in ious.items()}), title
         assert results[title]["miou"] == pytest.approx(100 * sum(ious.values()) / 4), title
     assert results["pseudo-mask"]["miou"] == pytest.approx(12.5)
-    # clip_pseudo_mask (the training pictures' CLIP panel) gives the same original-view number
-    loader = torch.utils.data.DataLoader(evaluation.EvalSet(*carb.list_split(str(tree), "val")), batch_size=1)
-    pseudo = functools.partial(evaluation.clip_pseudo_mask, white_is_sky, num_classes=C)
-    assert evaluation.mean_iou(evaluation.evaluate(pseudo, loader, C, torch.device("cpu"))) == pytest.approx(12.5)
+    # carb.validate (carb.py's printed pseudo-mask mIoU) gives the same original-view number
+    loader = torch.utils.data.DataLoader(carb.EvalSet(*carb.list_split(str(tree), "val")), batch_size=1)
+    assert carb.mean_iou(carb.validate(nn.Conv2d(3, C, 1), loader, white_is_sky)["pseudo-mask"]) == pytest.approx(12.5)
 
 
 def test_vis_writes_one_strip_per_image(trained, tmp_path):
@@ -1208,20 +1258,26 @@ def test_import_has_no_side_effects(tmp_path):
     assert os.listdir(cwd) == [] and os.listdir(home) == []
 
 
-def test_readme_loss_block_is_carb_section_5():
-    """The README's copy-paste block is section 5 of carb.py, character for character, and runs on torch alone."""
+def test_readme_loss_block_is_carb_section_4_and_the_objective():
+    """The README's copy-paste block is section 4 of carb.py, character for character, then the whole objective in a
+    few lines; it runs on torch alone and gives the CEs and the loss worked by hand."""
     readme = open(os.path.join(REPO, "README.md")).read()
     start = readme.index("```python\n", readme.index("## The loss, for copy-paste")) + len("```python\n")
     block = readme[start:readme.index("```", start)]
     source = open(os.path.join(REPO, "carb.py")).read()
     section = source[source.index("def masked_cross_entropy("):source.index("\n# 5. One training step")]
-    assert block == "import torch\n\n\n" + section.rstrip() + "\n"
+    assert block.startswith("import torch\n\n\n" + section.rstrip() + "\n\n\n"), "README block != carb.py section 4"
+    objective = block[len("import torch\n\n\n" + section.rstrip() + "\n\n\n"):]
+    assert len(objective.strip().splitlines()) <= 6 and "w * ce_i" in objective, objective
     namespace = {}
     exec(block, namespace)  # only `import torch` is available to it
-    loss, ce_c, ce_i = namespace["carb_loss"](torch.zeros(1, 2, 1, 2, requires_grad=True), torch.tensor([[[0, 1]]]),
-                                              torch.ones(1, 2), namespace["RegionBalancer"]())
-    # all-zero logits: argmax picks class 0, so pixel 0 is consistent and pixel 1 not; both CEs are log 2
-    assert math.isclose(ce_c.item(), math.log(2), rel_tol=1e-6) and math.isclose(ce_i.item(), math.log(2), rel_tol=1e-6)
+    logits, mask, labels = carb_inputs()
+    local_logits, local_mask = logits[..., 3:], mask[..., 3:]  # a "window": columns 3 and 4, both inconsistent
+    balancer = namespace["RegionBalancer"]()
+    loss = namespace["carb_objective"](logits, mask, local_logits, local_mask, labels, balancer)
+    w = CE_C / CE_I  # a fresh balancer: this step's CEs alone
+    assert balancer.consistent == pytest.approx([CE_C], rel=1e-5) and len(balancer.inconsistent) == 1
+    assert loss.item() == pytest.approx(CE_C + w * CE_I + w * CE_I, rel=1e-5)  # the window: CE(R_i^local) only
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1375,8 +1431,8 @@ def test_carb_start_at_iters_trains_without_carb_and_logs_every_iteration(extra,
             assert float(r["w"]) == 0.03 and float(r["ce_c"]) > 0 and float(r["ce_i"]) >= 0
             assert r["local"] == ""  # --no-local-view
         else:
-            assert r["ce_c"] == r["ce_i"] == r["w"] == ""  # plain CE throughout
-            assert float(r["local"]) > 0
+            assert r["w"] == "" and float(r["ce_c"]) > 0 and float(r["ce_i"]) >= 0  # plain CE; the regions' CEs
+            assert float(r["local"]) > 0                                              # are logged throughout
     assert rows[0]["val_miou"] == "" and 0 <= float(rows[1]["val_miou"]) <= 100
     ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert (ckpt["balancer"] is None) == carb_on  # a fixed weight has no history; the adaptive one is saved
@@ -1510,15 +1566,10 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(trained, tmp_path, capsy
     out = tmp_path / "run"
     shutil.copytree(trained["run"], out)
     before = snapshot(out / "last.pth", out / "best.pth")
-    real_step = carb.train_one_step
-
-    def diverging(*args):
-        loss, logs = real_step(*args)
-        return loss * float("nan"), dict(logs, ce_i=float("inf"))
-
-    monkeypatch.setattr(carb, "train_one_step", diverging)
-    code, err = run_carb(capsys, *trained["argv"](out, 6, "--resume"))
-    assert_one_line_error(code, err, "non-finite loss at iteration 4", "ce_i inf", "global", out / "last.pth")
+    real_forward = carb.Segmenter.forward
+    monkeypatch.setattr(carb.Segmenter, "forward", lambda self, x: real_forward(self, x) * float("nan"))
+    code, err = run_carb(capsys, *trained["argv"](out, 6, "--resume"))  # found before backward: the weights are
+    assert_one_line_error(code, err, "iteration 4: non-finite loss", "global nan", out / "last.pth")  # untouched
     assert snapshot(out / "last.pth", out / "best.pth") == before
 
 
@@ -1620,17 +1671,15 @@ def test_ablation_runs_each_variant_through_the_normal_cli(given, iters, carb_st
         i = "abcde".index(variant)
         model = torch.full((C,), (10 * (i + 1) + (i + 1) * seed + 0.3) / 100)
         model[[5, 6, 7]] = torch.tensor([0.2 + 0.01 * seed, 0.05 * (i + 1) + 0.02 * seed, 0.5 - 0.03 * seed])
-        table = {"pseudo-mask": {"miou": 43.21}, "model": {"miou": 100 * model.mean().item()}}  # as eval.main's
-        table["model"]["classes"] = {name: {"iou": 100 * model[c].item()} for c, name in enumerate(carb.CLASS_NAMES)}
-        return table
+        return {"pseudo-mask": torch.full((C,), 0.4321, dtype=torch.float64), "model": model}  # per-class IoUs
 
     monkeypatch.setattr(carb, "main", fake_main)
-    argv = [str(a) for a in given + ["--out", out, "--device", "cpu", "--ablation"]]
-    results = carb.run(argv)  # carb.py --ablation hands over to eval.ablation
+    argv = [str(a) for a in given + ["--out", out, "--device", "cpu"]]
+    results = carb.run(argv, evaluation.ablation)  # as eval.py --ablation, with carb.py's flags
     assert sorted(seen) == [(v, s) for v in "abcde" for s in (0, 1, 2)]
     for (v, s), args in seen.items():
         assert args.out == os.path.join(f"{out}_ablation", f"{v}_seed{s}") and args.seed == s
-        assert args.iters == iters and args.val_every == iters and not args.ablation
+        assert args.iters == iters and args.val_every == iters
         assert args.no_local_view == (v in "ac")
         assert args.carb_start == (iters if v in "ab" else carb_start)
         assert args.region_weight == ("0.03" if v == "e" else "adaptive")
@@ -1714,11 +1763,11 @@ def test_ablation_starts_carb_at_each_datasets_official_ratio(data, iters, carb_
 
     def fake_main(args):
         starts.append(args.carb_start)
-        classes = {n: {"iou": 50.0} for n in carb.DATASETS[args.data].classes}
-        return {"pseudo-mask": {"miou": 40.0}, "model": {"miou": 50.0, "classes": classes}}
+        iou = torch.full((len(carb.DATASETS[args.data].classes),), 0.5)
+        return {"pseudo-mask": iou, "model": iou}
 
     monkeypatch.setattr(carb, "main", fake_main)
-    evaluation.ablation([str(a) for a in ["--data", data, "--iters", iters, "--out", tmp_path / "a", "--ablation"]])
+    evaluation.ablation([str(a) for a in ["--data", data, "--iters", iters, "--out", tmp_path / "a"]])
     assert set(starts) == {iters, carb_start}  # (a), (b): never (ITERS); the others: the official ratio
 
 
@@ -1781,12 +1830,7 @@ def test_train_and_eval_on_the_flat_layout(data, tiny_clip_path, tmp_path, capsy
               "--cache-dir", tmp_path / "cache", "--device", "cpu"])
     out = capsys.readouterr().out
     names = CAMVID if data == "camvid" else WILDDASH2
-    lines = out.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("class ")) + 1
-    last = next(i for i, line in enumerate(lines) if line.startswith("mIoU "))
-    rows = [line.split("  ")[0] for line in lines[first:last]]
-    assert {names[c] for c in (0, 1, 3, 8)} <= set(rows) <= set(names)  # GT classes; a predicted one may be added
-    assert re.search(r"^model mIoU: \d+\.\d\d$", out, re.M)
+    assert re.search(r"^model mIoU: \d+\.\d\d$", out, re.M) and re.search(r"^per-class table: python eval.py ", out, re.M)
     ckpt = torch.load(run / "last.pth", weights_only=True)
     assert ckpt["model"]["text_classifier"].shape == (len(names), 32) and ckpt["args"]["data"] == data
 
@@ -1798,6 +1842,8 @@ def test_train_and_eval_on_the_flat_layout(data, tiny_clip_path, tmp_path, capsy
     strip = Image.open(vis / "f_000.png").convert("RGB")  # image | pseudo-mask | model | GT; GT row 5 is class 0
     assert strip.width == 4 * 128 and strip.getpixel((3 * 128 + 5, 16 + 5)) == COLOURS[data][0]
     assert list(model["classes"]) == names
+    scored = {name for name, c in model["classes"].items() if c["iou"] is not None}
+    assert {names[c] for c in (0, 1, 3, 8)} <= scored  # the val GT's classes; a predicted one may be added
     again = run_eval("--data", data, "--data-root", root, "--pred-dir", saved, "--workers", 0)["predictions"]
     assert again == model
     with pytest.raises(carb.CarbError, match="labelid is the Cityscapes benchmark's format"):
@@ -1950,16 +1996,16 @@ def test_precompute_global_masks_restricted_sharded_and_cached(tree, tmp_path):
     run_args = argparse.Namespace(base_size=(48, 96), clip_model="simulated", cache_dir=str(tmp_path / "cache"),
                                   dense_clip="maskclip")
     args = (sim.text_classifier, images, labels, run_args, "cpu")
-    paths = evaluation.precompute_global_masks(scorer, *args, rank=1, world=2)  # rank 1 of 2: image 1 only
+    paths = carb.precompute_global_masks(scorer, *args, rank=1, world=2)  # rank 1 of 2: image 1 only
     assert calls == [(1, 3, 48, 96)] and [os.path.isfile(p) for p in paths] == [False, True]
-    assert evaluation.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # then image 0 alone
+    assert carb.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # then image 0 alone
     for path, ids in zip(paths, TRAIN_EXPECTED):
         mask = np.array(Image.open(path))
         assert mask.shape == (48, 96)  # 64x128 at base size 48x96
         assert set(np.unique(mask).tolist()) <= ids  # restricted to the image-level labels
-    assert evaluation.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # cached: no CLIP call
+    assert carb.precompute_global_masks(scorer, *args) == paths and len(calls) == 2  # cached: no CLIP call
     run_args.base_size = (64, 128)
-    other = evaluation.precompute_global_masks(scorer, sim.text_classifier, images, labels, run_args, "cpu")
+    other = carb.precompute_global_masks(scorer, sim.text_classifier, images, labels, run_args, "cpu")
     assert os.path.dirname(other[0]) != os.path.dirname(paths[0])  # another base size, another folder
 
 
@@ -1976,8 +2022,9 @@ def test_train_one_step_takes_the_global_mask_from_the_batch():
         return torch.zeros(x.shape[0], C, x.shape[-2] // 16, x.shape[-1] // 16)
 
     batch = (torch.zeros(1, 3, 32, 64, dtype=torch.uint8), torch.ones(1, C), torch.tensor([[32, 64]]), given)
-    loss, logs = carb.train_one_step(lambda x: logits, scorer, batch, (0, 0, 16, 16, 1.0), False, None,
-                                     torch.device("cpu"))
+    weights = nn.Parameter(logits.clone())
+    logs = carb.train_one_step(lambda x: weights * 1, torch.optim.SGD([weights], lr=0.0), scorer, batch,
+                               (0, 0, 16, 16, 1.0), False, None, torch.device("cpu"))
     assert calls == [(16, 16)]
     expected = F.cross_entropy(logits, given.long(), ignore_index=255)
     assert math.isclose(logs["global"], expected.item(), rel_tol=1e-5)
@@ -1988,12 +2035,12 @@ def test_profile_and_precomputed_masks_run_end_to_end(tree, tmp_path, capsys):
     out = capsys.readouterr().out
     table = out[out.index("phase"):]
     rows = {}  # phase: (total s, ms/step, % of step)
-    for phase in evaluation.Stopwatch.STEP + ["step"]:
+    for phase in carb.Stopwatch.STEP + ["step"]:
         found = re.search(rf"^{re.escape(phase)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", table, re.M)
         assert found, (phase, table)
         rows[phase] = tuple(map(float, found.groups()))
     # the step is its phases: printed to 0.01 s, so each of the 6 + 1 rows may be off by up to 0.005
-    phases = [rows[p] for p in evaluation.Stopwatch.STEP]
+    phases = [rows[p] for p in carb.Stopwatch.STEP]
     assert rows["step"][0] == pytest.approx(sum(t for t, _, _ in phases), abs=0.01 * (len(phases) + 1)), table
     assert rows["step"][2] == 100.0 and sum(pct for _, _, pct in phases) == pytest.approx(100, abs=0.05 * 6)
     for total, ms, _ in phases + [rows["step"]]:  # 2 steps: ms/step = 1000 * total / 2, both rounded
@@ -2004,8 +2051,8 @@ def test_profile_and_precomputed_masks_run_end_to_end(tree, tmp_path, capsys):
 
 def test_benchmark_prints_its_two_lines(capsys):
     """The benchmark's code path at toy size and one round (the real one takes minutes: README, Performance)."""
-    evaluation.benchmark(carb.parse_args(["--benchmark", "--device", "cpu", "--crop", "32", "64", "--window", "32",
-                                          "16", "--backbone", "mobilenet_v3_large"]), steps=1)
+    evaluation.benchmark(["--device", "cpu", "--crop", "32", "64", "--window", "32", "16", "--backbone",
+                          "mobilenet_v3_large"], steps=1)
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"step/unavoidable: \d+\.\d\d", lines[-2]) and re.fullmatch(r"carb share: \d+\.\d%", lines[-1])
 
@@ -2033,7 +2080,7 @@ def test_distributed_region_balancer_history_is_the_mean_of_the_ranks_ces(monkey
         for rank, balancer in enumerate(balancers):
             now.update(it=it, rank=rank)
             c, i = ces[it][rank]
-            assert balancer(torch.tensor(c), torch.tensor(i)) == pytest.approx(w)
+            assert balancer.update(torch.tensor(c), torch.tensor(i)) == pytest.approx(w)
             assert balancer.consistent == consistent and balancer.inconsistent == inconsistent
             assert balancer.weight == pytest.approx(w)
     assert balancers[0].state_dict() == balancers[1].state_dict()
@@ -2059,14 +2106,14 @@ def audit(event, args):  # every file this process creates, writes, renames or r
         writes.append((event, str(args[0])))
 
 
-def step(model, scorer, batch, window, carb_on, balancer, *rest):
+def step(model, optimizer, scorer, batch, window, carb_on, balancer, *rest):
     seen["model"] = model
     if carb_on:
         seen["balancer"] = balancer
     calls.append(1)
     if len(calls) == kill_at and os.environ["RANK"] == "0":  # a SIGTERM to rank 0 alone, during this iteration
         os.kill(os.getpid(), signal.SIGTERM)
-    return real_step(model, scorer, batch, window, carb_on, balancer, *rest)
+    return real_step(model, optimizer, scorer, batch, window, carb_on, balancer, *rest)
 
 
 seen["writes"], code = True, 0
@@ -2245,6 +2292,46 @@ def test_neighbourhood_bias_of_a_2x3_grid_by_hand():
         assert omega[j, i] == omega[i, j]
 
 
+def test_neighbourhood_bias_is_made_once_per_grid_and_device_and_attention_is_sdpa(clips_by_heads, unit_classifier,
+                                                                                  monkeypatch):
+    carb.neighbourhood.cache_clear()
+    assert carb.neighbourhood(3, 5, torch.device("cpu")) is carb.neighbourhood(3, 5, torch.device("cpu"))
+    calls, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(carb.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    images = torch.randn(1, 3, 48, 80)
+    carb.neighbourhood.cache_clear()
+    for _ in range(2):
+        carb.maskclip_scores(clips_by_heads[2], images, unit_classifier, variant="naclip")
+    info = carb.neighbourhood.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # built at the first call, on the device; the second reuses it
+    assert sum("attn_mask" in k for k in calls) == 2  # the last block: one fused attention per call, biased
+    counts = {}
+    for variant in carb.DENSE_CLIP:  # the earlier blocks (nn.MultiheadAttention) call it too, alike for all variants
+        calls.clear()
+        carb.maskclip_scores(clips_by_heads[2], images, unit_classifier, variant=variant)
+        counts[variant] = len(calls)
+    base = counts["maskclip"]  # its last block is the value path alone: no attention
+    assert counts == {"maskclip": base, "sclip": base + 2, "clearclip": base + 1, "naclip": base + 1}
+
+
+def test_carb_py_never_imports_eval():
+    import ast
+    tree = ast.parse(open(os.path.join(REPO, "carb.py")).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "eval" not in imported, "carb.py trains; eval.py imports carb, never the reverse"
+    source = open(os.path.join(REPO, "carb.py")).read()
+    assert "sys.modules" not in source and "importlib" not in source and "__import__" not in source
+
+
+def test_experiments_run_from_eval_py_and_carb_py_points_there(tmp_path, capsys):
+    code, err = run_carb(capsys, "--data", "synthetic", "--ablation")
+    assert_one_line_error(code, err, "--ablation", "python eval.py --ablation")
+    r = cli("eval.py", "--ablation", "--data", "synthetic", "--iters", 0, home=tmp_path)  # carb.py's flags, checked
+    assert r.returncode == 2 and error_lines(r.stderr) == [r.stderr.strip()], r.stderr
+    assert "--iters" in r.stderr and "0 must be at least 1" in r.stderr
+
+
 def test_dense_clip_flag_reaches_both_views_the_checkpoint_and_refuses_another_on_resume(
         tree, tmp_path, tiny_clip_path, capsys, monkeypatch):
     calls, real = [], carb.maskclip_scores
@@ -2312,9 +2399,9 @@ def test_precomputed_mask_follows_an_image_changed_in_place(tree, tmp_path):
     sim = carb.SimulatedCLIP()
     args = argparse.Namespace(base_size=(64, 128), clip_model="simulated", cache_dir=str(tmp_path / "cache"),
                               dense_clip="maskclip")
-    before = evaluation.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
+    before = carb.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
     os.utime(images[0], ns=(0, 10 ** 9))  # touched: another modification time
-    after = evaluation.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
+    after = carb.precompute_global_masks(sim, sim.text_classifier, images, labels, args, "cpu")
     assert after[1] == before[1] and after[0] != before[0] and os.path.isfile(after[0])
 
 
