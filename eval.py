@@ -73,6 +73,8 @@ def get_args_parser():
                    help="default: labelid (what the Cityscapes server takes; trainid for camvid, wilddash2); "
                         "with --images: trainid color")
     p.add_argument("--vis", metavar="DIR", help="write one picture per image: image | CLIP | prediction | GT")
+    p.add_argument("--premise", action="store_true", help="with --ckpt: CARB's premise on this split (R_c, R_i, "
+                   "the pseudo-mask's accuracy in each, w); implies --clip")
     p.add_argument("--json", metavar="FILE", help="write per-class IoU, mIoU, pixel accuracy and pixel counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2)
@@ -322,6 +324,45 @@ def format_table(columns, class_names):
     return "\n".join(lines)
 
 
+def premise_counts(logits, mask, gt, labels, num_classes):
+    """One image's premise counts, over its GT-labelled pixels, in carb.region_losses' own regions (R_c, R_i): pixels
+    [2, C] and correct pixels [2, C] of each pseudo-mask class per region, and the CE sums [2] of the logits against
+    the mask. logits [C,H,W], mask and gt [H,W], labels [C] (the image's classes)."""
+    mask = mask.masked_fill(gt == 255, 255)
+    ce_c, ce_i, consistent, inconsistent = carb.region_losses(logits[None], mask[None], labels[None])
+    keep = mask != 255
+    idx = (inconsistent[0].long() * num_classes + mask.long())[keep]
+    pixels = torch.bincount(idx, minlength=2 * num_classes).reshape(2, num_classes)
+    correct = torch.bincount(idx[(mask == gt)[keep]], minlength=2 * num_classes).reshape(2, num_classes)
+    return pixels, correct, torch.stack([ce_c * consistent.sum(), ce_i * inconsistent.sum()])
+
+
+def premise_report(pixels, correct, ce, class_names):
+    """--premise: is R_c, where CLIP's pseudo-mask agrees with the model's label-restricted prediction P, the reliable
+    region? The shares of R_c and R_i, the mask's accuracy in each (per class and overall), each class's share of its
+    mask pixels in R_i, and the w a fresh RegionBalancer would give these CEs. Returns the figures."""
+    pct = lambda a, b: 100 * a / b if b > 0 else math.nan  # noqa: E731
+    pixels, correct, ce = pixels.double().cpu(), correct.double().cpu(), ce.double().cpu()
+    n = pixels.sum(1)
+    ce_mean = [ce[r].item() / max(n[r].item(), 1) for r in (0, 1)]
+    figures = {"R_c share": pct(n[0], n.sum()).item(), "R_i share": pct(n[1], n.sum()).item(),
+               "accuracy in R_c": pct(correct[0].sum(), n[0]).item(),
+               "accuracy in R_i": pct(correct[1].sum(), n[1]).item(),
+               "CE(R_c)": ce_mean[0], "CE(R_i)": ce_mean[1], "w": carb.RegionBalancer().update(*ce_mean)}
+    print(f"premise: {int(n.sum())} GT-labelled pixels; R_c = {{pseudo-mask == P}}, P the model's label-restricted "
+          "prediction")
+    print(f"{'class':<15}{'mask pixels':>12}{'in R_i %':>10}{'acc R_c %':>11}{'acc R_i %':>11}")
+    for k, name in enumerate(class_names):
+        if pixels[:, k].sum() > 0:
+            print(f"{name:<15}{int(pixels[:, k].sum()):>12}{pct(pixels[1, k], pixels[:, k].sum()):>10.1f}"
+                  f"{pct(correct[0, k], pixels[0, k]):>11.1f}{pct(correct[1, k], pixels[1, k]):>11.1f}")
+    print(f"{'all':<15}{int(n.sum()):>12}{figures['R_i share']:>10.1f}{figures['accuracy in R_c']:>11.1f}"
+          f"{figures['accuracy in R_i']:>11.1f}")
+    print(f"R_c {figures['R_c share']:.1f} % of the pixels, R_i {figures['R_i share']:.1f} %; CE(R_c) "
+          f"{ce_mean[0]:.3f}, CE(R_i) {ce_mean[1]:.3f}: a fresh RegionBalancer's w = {figures['w']:.4f}")
+    return figures
+
+
 # The paper's component ablation (its Table 3), each variant a flag combination of the normal command line.
 ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"]),
             ("(b) + Global-Local View", ["--carb-start", "ITERS"]),
@@ -417,6 +458,9 @@ def main(args):
             gts = None  # Cityscapes' test labels are placeholders; a split without its label folder has none
         else:
             carb.check_pairs(images, gts)
+    if args.premise and not (args.ckpt and gts):
+        raise carb.CarbError("--premise compares CLIP's masks with a model on GT: pass --ckpt and a labelled split")
+    args.clip = args.clip or args.premise
     check_args(args, gts is not None)
     ids = [carb.image_id(p) for p in images]
     # The columns: title -> f(image uint8 [3,H,W] on the device, GT's classes [C] or None, index) -> trainIds [H,W]
@@ -448,6 +492,7 @@ def main(args):
             os.makedirs(folder, exist_ok=True)
 
     conf = {title: torch.zeros(C, C + 1, dtype=torch.long, device=device) for title in views}
+    premise = None  # --premise: the counts of premise_counts, summed over the split
     loader = torch.utils.data.DataLoader(carb.EvalSet(images, gts, args.data), batch_size=None,
                                          num_workers=args.workers)
     for i, (image, gt) in enumerate(tqdm(loader, desc="images" if args.images else args.split)):
@@ -455,6 +500,11 @@ def main(args):
         gt = None if gt is None else gt.to(device)
         labels = None if gt is None else carb.present_classes(gt, C)
         masks = {title: view(image, labels, i) for title, view in views.items()}
+        if args.premise:
+            x = TF.normalize(image[None].float() / 255, carb.IMAGENET_MEAN, carb.IMAGENET_STD)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                counts = premise_counts(model(x)[0].float(), next(iter(masks.values())), gt, labels, C)
+            premise = counts if premise is None else [a + b for a, b in zip(premise, counts)]
         if gt is not None:
             for title, mask in masks.items():
                 conf[title] += carb.confusion_matrix(mask, gt, C)
@@ -475,6 +525,8 @@ def main(args):
             print(f"{title} pixel accuracy: {r['pixel_accuracy']:.2f}")
         for title, r in results.items():  # last, the paper's numbers; None only if no GT pixel of the split is labelled
             print(f"{title} mIoU: {'-' if r['miou'] is None else format(r['miou'], '.2f')}")
+        if args.premise:
+            results["premise"] = premise_report(*premise, ds.classes)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"split": args.split, "images": len(images), "results": results}, f, indent=1)

@@ -584,6 +584,22 @@ def test_carb_loss_all_ignored_is_exactly_zero():
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+def test_premise_report_against_a_hand_computed_case(capsys):
+    """The loss table's image with GT [0, 0, 1, 1, ignore]: column 4 drops out (no GT), column 2 is unlabelled in the
+    mask. R_c = columns 0 (mask 0, GT 0: right) and 1 (mask 1, GT 0: wrong); R_i = column 3 (mask 1, GT 1: right)."""
+    logits, mask, labels = carb_inputs()
+    gt = torch.tensor([[0, 0, 1, 1, 255]])
+    pixels, correct, ce = evaluation.premise_counts(logits[0].detach(), mask[0], gt, labels[0], 3)
+    assert pixels.tolist() == [[1, 1, 0], [0, 1, 0]] and correct.tolist() == [[1, 0, 0], [0, 1, 0]]
+    assert ce.tolist() == pytest.approx([nll(0, 0) + nll(1, 1), nll(3, 1)], rel=1e-5)
+    figures = evaluation.premise_report(pixels, correct, ce, ["a", "b", "c"])
+    assert figures["R_c share"] == pytest.approx(200 / 3) and figures["R_i share"] == pytest.approx(100 / 3)
+    assert figures["accuracy in R_c"] == 50.0 and figures["accuracy in R_i"] == 100.0
+    assert figures["w"] == pytest.approx((nll(0, 0) + nll(1, 1)) / 2 / nll(3, 1), rel=1e-5)
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:5]}
+    assert rows["a"] == ["1", "0.0", "100.0", "nan"] and rows["b"] == ["2", "50.0", "0.0", "100.0"]
+
+
 def test_region_balancer_window_mean_ratio():
     balancer = carb.RegionBalancer(coeff=0.5, window=3)
     pushes = [(1, 2), (2, 2), (3, 4), (4, 8), (5, 1)]
@@ -1145,6 +1161,14 @@ def test_clip_view_tiles_and_scale():
     # tiles in row order get classes 0, 1, 2, 3; class 2 is not a label of the image, so the first label (0) wins
     assert (mask[:16, :32] == 0).all() and (mask[:16, 32:] == 1).all()
     assert (mask[16:, :32] == 0).all() and (mask[16:, 32:] == 3).all()
+
+
+def test_premise_flag_runs_on_a_checkpoint(trained, tmp_path, capsys):
+    results = run_eval("--data", "cityscapes", "--data-root", trained["root"], "--ckpt", trained["run"] / "last.pth",
+                       "--premise", "--cache-dir", tmp_path / "cache", "--workers", 0)
+    figures = results["premise"]
+    assert figures["R_c share"] + figures["R_i share"] == pytest.approx(100)
+    assert "a fresh RegionBalancer's w" in capsys.readouterr().out
 
 
 def test_clip_mode_reports_original_and_fig3_view(trained, tmp_path, monkeypatch):
