@@ -44,8 +44,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # th
 
 # 1. CLIP pseudo-masks (MaskCLIP) -------------------------------------------------------------------
 # CLIP's 80 ImageNet prompt templates plus the 5 scene templates MaskCLIP and CARB add.
-TEMPLATES = [
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+TEMPLATES = ["a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
     "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
     "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
     "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
@@ -64,10 +63,8 @@ TEMPLATES = [
     "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
     "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
     "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
-    "a tattoo of the {}.",
-    "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
-    "this is the {} in the scene.", "this is one {} in the scene.",
-]
+    "a tattoo of the {}.", "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+    "this is the {} in the scene.", "this is one {} in the scene."]
 
 def load_clip(name_or_path, device):
     """clip.load by name (to ~/.cache/clip) or file (.pt or state dict): frozen, eval, fp32 (it gives fp16 on CUDA)."""
@@ -177,8 +174,7 @@ BACKBONES = {  # name: (torchvision builder, its backbone's weights enum); the a
     "resnet50": (torchvision.models.segmentation.deeplabv3_resnet50, torchvision.models.ResNet50_Weights),
     "resnet101": (torchvision.models.segmentation.deeplabv3_resnet101, torchvision.models.ResNet101_Weights),
     "mobilenet_v3_large": (torchvision.models.segmentation.deeplabv3_mobilenet_v3_large,
-                           torchvision.models.MobileNet_V3_Large_Weights),
-}
+                           torchvision.models.MobileNet_V3_Large_Weights)}
 
 class Segmenter(nn.Module):
     """DeepLabV3 whose logits are its embedding dotted with CLIP's text classifier (a buffer, never trained)."""
@@ -445,8 +441,9 @@ def photometric_distortion(img, p):
 
 class WeakTrainSet(torch.utils.data.Dataset):
     """Crops (uint8, padded), image-level labels, valid_hw (the image in the crop) [, the global mask], augmented."""
-    def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None):
-        self.images, self.labels, self.seed, self.photometric = images, labels, seed, photometric
+    def __init__(self, images, labels, crop, base_size, scale_range, seed, photometric=True, global_masks=None,
+                 oracle=None):  # oracle: --data, whose label files `global_masks` are (the GT); else trainId PNGs
+        self.images, self.labels, self.seed, self.photometric, self.oracle = images, labels, seed, photometric, oracle
         self.crop, self.base_size, self.scale_range, self.global_masks = crop, base_size, scale_range, global_masks
 
     def __getitem__(self, item):
@@ -471,7 +468,8 @@ class WeakTrainSet(torch.utils.data.Dataset):
         item = (F.pad(img, pad), self.labels[i].float(), torch.tensor([ch, cw]))  # padding is ignored by every loss
         if self.global_masks is None:
             return item
-        mask = torch.from_numpy(read_file(self.global_masks[i], "mask"))[None]
+        path = self.global_masks[i]
+        mask = (read_train_ids(path, self.oracle) if self.oracle else torch.from_numpy(read_file(path, "mask")))[None]
         mask = TF.resize(mask, [h, w], interpolation=TF.InterpolationMode.NEAREST)[0, top:top + ch, left:left + cw]
         return item + (F.pad(mask.flip(-1) if flip else mask, pad, value=255),)
 
@@ -631,8 +629,8 @@ def resume_checkpoint(args, last):
         raise CarbError(f"--out {args.out} already holds a run ({last}): add --resume to continue it, or pass "
                         "another --out (or delete it) to start anew")
     ckpt = load_checkpoint(last, "--resume") if args.resume else None
-    for key in ("data", "backbone", "optimizer", "clip_model", "dense_clip") if ckpt else ():
-        trained = ckpt["args"].get(key, "maskclip" if key == "dense_clip" else None)  # runs from before --dense-clip
+    for key in ("data", "backbone", "optimizer", "clip_model", "dense_clip", "oracle") if ckpt else ():
+        trained = ckpt["args"].get(key, {"dense_clip": "maskclip", "oracle": False}.get(key))  # runs from before them
         if trained != getattr(args, key):
             raise CarbError(f"--resume: {last} was trained with --{key.replace('_', '-')} {trained}, not "
                             f"{getattr(args, key)}: pass the run's own")
@@ -685,7 +683,7 @@ def prepare_data(args, device, rank, world, barrier):
     train_images, train_gts = list_split(args.data_root, "train", args.data)
     if args.image_labels:  # given: no train mask is ever opened
         image_labels = read_image_labels(args.image_labels, train_images, args.data)
-    else:  # the only use of the train GT
+    else:  # the train GT's only use (bar --oracle)
         num_classes = len(DATASETS[args.data].classes)
         image_labels = image_level_labels(train_gts, num_classes, args.cache_dir, train_images, args.data)
     val_set = EvalSet(*list_split(args.data_root, "val", args.data), args.data)
@@ -693,13 +691,13 @@ def prepare_data(args, device, rank, world, barrier):
     scorer, classifier = build_scorer(args, device)
     if rank == 0:  # the data and caches are written: the other ranks can read them
         barrier()
-    global_masks = None
-    if args.global_masks == "precompute":  # each rank writes every world-th mask, then waits for the others
+    global_masks = train_gts if args.oracle else None  # --oracle: the one use of the train GT beyond its labels
+    if args.global_masks == "precompute" and not args.oracle:  # each rank writes every world-th mask, then waits
         global_masks = precompute_global_masks(scorer, classifier, train_images, image_labels, args, device, rank,
                                                world)
         barrier()
     train_set = WeakTrainSet(train_images, image_labels, args.crop, args.base_size, args.scale_range, args.seed,
-                             args.photometric, global_masks)
+                             args.photometric, global_masks, args.data if args.oracle else None)
     return train_set, val_set, scorer, classifier
 
 def stop_on_signals(ddp):
@@ -801,8 +799,8 @@ def main(args):
     if args.profile:
         print(watch.table(args.iters - start))
     ious = ious if "pseudo-mask" in ious else validate(model, val_loader, scorer)  # resumed at --iters: none yet
-    if args.data == "synthetic":
-        print("(synthetic stand-in data: these are not Cityscapes results)")
+    if args.data == "synthetic" or args.oracle:
+        print(f"({'--oracle: trained on GT masks' if args.oracle else 'synthetic stand-in data'}: not CARB results)")
     print(f"pseudo-mask mIoU: {mean_iou(ious['pseudo-mask']):.2f}\nmodel mIoU: {mean_iou(ious['model']):.2f}")
     print("per-class table: " + shlex.join(["python", "eval.py", "--data-root", args.data_root, "--ckpt", last,
                                            "--clip", "--cache-dir", args.cache_dir]))
@@ -839,8 +837,7 @@ def mean_iou(iou):
 
 @torch.no_grad()
 def validate(model, loader, scorer=None):
-    """Per-class val IoUs {"model": [C]} (in eval mode, then back to training); given CLIP's scorer, its global masks'
-    too ("pseudo-mask": each image's restricted to the classes in its GT). One confusion matrix per column."""
+    """Per-class val IoUs {"model": [C]} in eval mode; with CLIP's scorer, "pseudo-mask" too (each GT's classes)."""
     model.eval()
     device, num_classes = next(model.parameters()).device, len(DATASETS[loader.dataset.data].classes)
     conf = collections.defaultdict(lambda: torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=device))
@@ -870,8 +867,7 @@ DEFAULTS = {
     "synthetic": dict(data_root="data/synthetic", out="runs/synthetic", iters=400, batch_size=4, crop=(128, 256),
                       base_size=(256, 512), scale_range=(0.5, 2.0), window=(128, 64), multiplier=(1.0, 1.0),
                       carb_start=213, optimizer="adamw", lr=2e-3, min_lr=1e-5, backbone="mobilenet_v3_stride8",
-                      backbone_weights="none", clip_model="simulated", val_every=200, workers=1, photometric=False),
-}
+                      backbone_weights="none", clip_model="simulated", val_every=400, workers=1, photometric=False)}
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a bad flag is one line and exit code 2; the experiments are eval.py's now
@@ -906,6 +902,8 @@ def get_args_parser():
     p.add_argument("--carb-start", type=number(int, 0), help="iteration from which CARB replaces CE (ITERS: never)")
     p.add_argument("--region-weight", default="adaptive", help="'adaptive' (RegionBalancer) or a fixed number")
     p.add_argument("--no-local-view", action="store_true", help="global view only (an ablation variant)")
+    p.add_argument("--oracle", action="store_true", help="train on the GT masks, CE, global view: the fully "
+                   "supervised upper bound, not CARB (an ablation row; reads the train masks)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=number(float, 0, True))
     p.add_argument("--min-lr", type=number(float, 0))
@@ -927,6 +925,8 @@ def parse_args(argv=None, defaults=None):
     for key, value in (DEFAULTS[args.data] | (defaults or {})).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.oracle:  # plain cross-entropy on the GT of the global view
+        args.no_local_view, args.carb_start = True, args.iters
     lo, hi = args.scale_range
     largest = [round(hi * side) for side in args.base_size]
     for bad, message in [
@@ -938,6 +938,7 @@ def parse_args(argv=None, defaults=None):
          f"than the largest rescaled image, {largest[0]} x {largest[1]} (--scale-range HI x base size)"),
         (args.multiplier[1] == 0, "--multiplier: OFFSET must be above 0"),
         (args.min_lr > args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}"),
+        (args.oracle and args.image_labels, "--oracle reads the train GT masks, --image-labels says none: drop one"),
         (args.region_weight != "adaptive" and not re.fullmatch(r"\d*\.?\d+(e-?\d+)?", args.region_weight),
          f"--region-weight {args.region_weight}: use 'adaptive' or a number >= 0"),
         (args.clip_model == "simulated" and DATASETS[args.data] is not DATASETS["cityscapes"],
@@ -995,8 +996,7 @@ SYNTH_COLORS = {  # labelId: (name, RGB): the scene's own colours, one base colo
     7: ("road", (80, 80, 88)), 8: ("sidewalk", (175, 160, 150)), 11: ("building", (125, 95, 80)),
     17: ("pole", (45, 45, 40)), 19: ("traffic light", (240, 120, 30)), 20: ("traffic sign", (225, 215, 50)),
     21: ("vegetation", (60, 125, 45)), 23: ("sky", (130, 180, 235)), 24: ("person", (200, 50, 70)),
-    26: ("car", (40, 60, 160)),
-}
+    26: ("car", (40, 60, 160))}
 
 def render_scene(rng, H, W):
     """A street (RGB uint8 [H,W,3], labelIds [H,W]) through Cityscapes' camera: S m at d m is f*S/d px."""
@@ -1044,7 +1044,7 @@ def render_scene(rng, H, W):
     col = col * rng.uniform(0.85, 1.15) + rng.normal(0, 8, (H, W, 3))  # illumination and sensor noise
     return np.clip(col, 0, 255).astype(np.uint8), lab
 
-def make_synthetic(root, size, n_train=300, n_val=40, seed=0):
+def make_synthetic(root, size, n_train=300, n_val=200, seed=0):
     """Write the synthetic dataset once (a split that is already complete is skipped)."""
     for split, n in (("train", n_train), ("val", n_val)):
         img_dir, gt_dir = (os.path.join(root, top, split, "synth") for top in ("leftImg8bit", "gtFine"))

@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import sys
+import time
 import warnings
 from glob import glob
 
@@ -363,20 +364,29 @@ def premise_report(pixels, correct, ce, class_names):
     return figures
 
 
-# The paper's component ablation (its Table 3), each variant a flag combination of the normal command line.
-ABLATION = [("(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"]),
-            ("(b) + Global-Local View", ["--carb-start", "ITERS"]),
-            ("(c) + CARB", ["--no-local-view"]),
-            ("(d) GLV + CARB (carb.py)", []),
-            ("(e) (d), fixed w = 0.03", ["--region-weight", "0.03"])]
+# The paper's component ablation (its Table 3), each variant a flag combination of the normal command line; first the
+# oracle, the fully supervised upper bound. Every variant runs with the same seeds: the differences are paired.
+ABLATION = [("oracle", "oracle: GT masks + CE", ["--oracle"]),
+            ("a", "(a) global mask + CE", ["--no-local-view", "--carb-start", "ITERS"]),
+            ("b", "(b) + Global-Local View", ["--carb-start", "ITERS"]),
+            ("c", "(c) + CARB", ["--no-local-view"]),
+            ("d", "(d) GLV + CARB (carb.py)", []),
+            ("e", "(e) (d), fixed w = 0.03", ["--region-weight", "0.03"])]
 ABLATION_SEEDS = (0, 1, 2)
-ABLATION_ITERS = {"synthetic": 120}  # per run, so that 5 variants x 3 seeds fit in 20 minutes on 2 CPU cores
+ABLATION_ITERS = {"synthetic": 260}  # per run, so that 6 variants x 3 seeds fit in 60 minutes on 2 CPU cores
 # --benchmark: the Cityscapes networks at a quarter of the official crop (and window), batch 2.
 BENCHMARK = dict(crop=(256, 512), window=(256, 128), batch_size=2, backbone="resnet50", optimizer="sgd", lr=0.005)
 
 
+def paired(results, names, seeds, base):
+    """{name: (mean, std)} over `seeds` of results[name, seed] - results[base, seed], figure by figure."""
+    diffs = {n: torch.tensor([[a - b for a, b in zip(results[n, s], results[base, s])] for s in seeds]) for n in names}
+    return {n: (d.mean(0), d.std(0)) for n, d in diffs.items()}
+
+
 def ablation(argv):
-    """--ablation: every ABLATION variant with each seed, the same budget, through carb.main(); a table."""
+    """--ablation: every ABLATION variant with each seed, the same budget, through carb.main(); two tables."""
+    began = time.perf_counter()
     given = carb.get_args_parser().parse_args(argv)  # as given; then with the defaults (the ablation sets
     args = carb.parse_args(argv + ["--carb-start", "0"])  # --carb-start itself, below)
     iters = given.iters or ABLATION_ITERS.get(args.data, args.iters)
@@ -386,19 +396,26 @@ def ablation(argv):
     names = carb.DATASETS[args.data].classes
     small = [c for c, n in enumerate(names) if n.lower() in ("traffic light", "traffic sign", "pole", "signsymbol")]
     results = {}  # (variant, seed) -> [mIoU, the small classes' IoUs...]
-    for seed, (i, (name, flags)) in itertools.product(ABLATION_SEEDS, enumerate(ABLATION)):
+    for seed, (tag, name, flags) in itertools.product(ABLATION_SEEDS, ABLATION):
         flags = [str(iters) if f == "ITERS" else f for f in flags] + ["--seed", str(seed)]
-        out = os.path.join(args.out + "_ablation", f"{'abcde'[i]}_seed{seed}")
+        out = os.path.join(args.out + "_ablation", f"{tag}_seed{seed}")
         print(f"\n=== ablation {name}: carb.py {shlex.join(flags)} --out {out}", flush=True)
         run_argv = argv + ["--iters", str(iters), "--val-every", str(iters), "--carb-start", str(carb_start)]
         ious = carb.main(carb.parse_args(run_argv + flags + ["--out", out]))
         results[name, seed] = [carb.mean_iou(ious["model"])] + [100 * ious["model"][c].item() for c in small]
+    variants = [name for _, name, _ in ABLATION]
     print(f"\nablation: {args.data}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU "
           f"{carb.mean_iou(ious['pseudo-mask']):.2f}; mean ± std over seeds {' '.join(map(str, ABLATION_SEEDS))}")
-    print(f"{'':<26}" + "".join(f"{c:>20}" for c in ["mIoU"] + [f"IoU {names[c]}" for c in small]))
-    for name, _ in ABLATION:
-        runs = torch.tensor([results[name, s] for s in ABLATION_SEEDS])
-        print(f"{name:<26}" + "".join(f"{f'{m:.2f} ± {s:.2f}':>20}" for m, s in zip(runs.mean(0), runs.std(0))))
+
+    def table(title, rows, sign=""):
+        print(f"{title:<26}" + "".join(f"{c:>20}" for c in ["mIoU"] + [f"IoU {names[c]}" for c in small]))
+        for name in variants:
+            print(f"{name:<26}" + "".join(f"{f'{m:{sign}.2f} ± {s:.2f}':>20}" for m, s in zip(*rows[name])))
+    runs = {n: torch.tensor([results[n, s] for s in ABLATION_SEEDS]) for n in variants}
+    table("", {n: (r.mean(0), r.std(0)) for n, r in runs.items()})
+    table("minus (a), seed by seed", paired(results, variants, ABLATION_SEEDS, ABLATION[1][1]), "+")
+    minutes, seconds = divmod(round(time.perf_counter() - began), 60)
+    print(f"ablation took {minutes} min {seconds} s ({len(results)} runs)")
     return results
 
 

@@ -1678,54 +1678,80 @@ def test_ctrl_c_saves_and_says_how_to_resume(trained, tmp_path):
     assert re.search(r"to continue: python carb.py .*--out " + re.escape(str(out)) + r" .*--resume$", err, re.M)
 
 
+VARIANTS = ["oracle", "a", "b", "c", "d", "e"]  # the ablation's rows, in order, as their run folders name them
+
+
 @pytest.mark.parametrize("given, iters, carb_start", [
     (["--data", "cityscapes", "--iters", 4, "--carb-start", 2], 4, 2),  # as given
-    (["--data", "synthetic"], 120, 64),  # ABLATION_ITERS; CARB from the official 16000/30000 of it: 64
+    (["--data", "synthetic"], 260, 138),  # ABLATION_ITERS; CARB from its default 213/400 of it: 138
 ])
 def test_ablation_runs_each_variant_through_the_normal_cli(given, iters, carb_start, tmp_path, capsys, monkeypatch):
-    """Every variant (a)-(e) with every seed is one carb.main() of the normal command line with the variant's flags;
-    a fake main records them and returns IoUs made up here, whose mean ± std rows are worked out by hand."""
+    """Every variant (the oracle, (a)-(e)) with every seed is one carb.main() of the normal command line with the
+    variant's flags; a fake main records them and returns IoUs made up here, whose mean ± std rows and paired
+    differences from (a) are worked out by hand."""
     out = tmp_path / "abl"
     seen = {}
 
     def fake_main(args):
-        variant, seed = os.path.basename(args.out)[0], args.seed
+        variant, seed = os.path.basename(args.out).rsplit("_seed", 1)[0], args.seed
         assert (variant, seed) not in seen
         seen[variant, seed] = args
-        i = "abcde".index(variant)
+        i = VARIANTS.index(variant)
         model = torch.full((C,), (10 * (i + 1) + (i + 1) * seed + 0.3) / 100)
-        model[[5, 6, 7]] = torch.tensor([0.2 + 0.01 * seed, 0.05 * (i + 1) + 0.02 * seed, 0.5 - 0.03 * seed])
+        model[[5, 6, 7]] = torch.tensor([0.2 + 0.01 * seed, 0.05 * (i + 1) + 0.02 * seed * i, 0.5 - 0.03 * seed])
         return {"pseudo-mask": torch.full((C,), 0.4321, dtype=torch.float64), "model": model}  # per-class IoUs
 
     monkeypatch.setattr(carb, "main", fake_main)
     argv = [str(a) for a in given + ["--out", out, "--device", "cpu"]]
     results = carb.run(argv, evaluation.ablation)  # as eval.py --ablation, with carb.py's flags
-    assert sorted(seen) == [(v, s) for v in "abcde" for s in (0, 1, 2)]
+    assert sorted(seen) == sorted((v, s) for v in VARIANTS for s in (0, 1, 2))
     for (v, s), args in seen.items():
         assert args.out == os.path.join(f"{out}_ablation", f"{v}_seed{s}") and args.seed == s
         assert args.iters == iters and args.val_every == iters
-        assert args.no_local_view == (v in "ac")
-        assert args.carb_start == (iters if v in "ab" else carb_start)
+        assert args.oracle == (v == "oracle")
+        assert args.no_local_view == (v in ("oracle", "a", "c"))
+        assert args.carb_start == (iters if v in ("oracle", "a", "b") else carb_start)
         assert args.region_weight == ("0.03" if v == "e" else "adaptive")
         assert args.data == given[1] and args.device == "cpu"
     printed = capsys.readouterr().out
     assert f"ablation: {given[1]}, {iters} iterations per run, CARB from {carb_start}; pseudo-mask mIoU 43.21" \
         in printed
+    assert re.search(r"^ablation took \d+ min \d+ s \(18 runs\)$", printed, re.M)
     header = next(line for line in printed.splitlines() if "mIoU" in line and "IoU pole" in line)
     assert re.split(r"\s{2,}", header.strip()) == ["mIoU", "IoU pole", "IoU traffic light", "IoU traffic sign"]
-    for i, (name, _) in enumerate(evaluation.ABLATION):
-        runs = []  # by hand, per seed: [mIoU = the mean of the 19 IoUs, pole, traffic light, traffic sign] in %
+    runs = {}  # by hand, per variant and seed: [mIoU = the mean of the 19 IoUs, pole, traffic light, traffic sign] %
+    for i, v in enumerate(VARIANTS):
         for s in (0, 1, 2):
-            small = [0.2 + 0.01 * s, 0.05 * (i + 1) + 0.02 * s, 0.5 - 0.03 * s]
+            small = [0.2 + 0.01 * s, 0.05 * (i + 1) + 0.02 * s * i, 0.5 - 0.03 * s]
             rest = (10 * (i + 1) + (i + 1) * s + 0.3) / 100
-            runs.append([100 * (16 * rest + sum(small)) / 19] + [100 * v for v in small])
-        assert results[name, 0] == pytest.approx(runs[0], abs=1e-4)
-        row = next(line for line in printed.splitlines() if line.startswith(name))
-        cells = [(float(m), float(sd)) for m, sd in re.findall(r"(-?\d+\.\d\d) ± (\d+\.\d\d)", row)]
-        expected = [(statistics.mean(col), statistics.stdev(col)) for col in zip(*runs)]  # sample std, as torch
-        assert len(cells) == 4, row
-        for (m, sd), (em, esd) in zip(cells, expected):
-            assert m == pytest.approx(em, abs=0.005 + 1e-4) and sd == pytest.approx(esd, abs=0.005 + 1e-4), row
+            runs[v, s] = [100 * (16 * rest + sum(small)) / 19] + [100 * x for x in small]
+    lines = printed.splitlines()
+    split = next(n for n, line in enumerate(lines) if line.startswith("minus (a), seed by seed"))
+    for (name, v) in zip([name for _, name, _ in evaluation.ABLATION], VARIANTS):
+        assert results[name, 0] == pytest.approx(runs[v, 0], abs=1e-4)
+        absolute = [(statistics.mean(c), statistics.stdev(c)) for c in zip(*[runs[v, s] for s in (0, 1, 2)])]
+        diffs = [[x - y for x, y in zip(runs[v, s], runs["a", s])] for s in (0, 1, 2)]  # paired: seed by seed
+        paired = [(statistics.mean(c), statistics.stdev(c)) for c in zip(*diffs)]  # sample std, as torch
+        for expected, table in [(absolute, lines[:split]), (paired, lines[split:])]:
+            row = next(line for line in table if line.startswith(name))
+            cells = [(float(m), float(sd)) for m, sd in re.findall(r"([-+]?\d+\.\d\d) ± (\d+\.\d\d)", row)]
+            assert len(cells) == 4, row
+            for (m, sd), (em, esd) in zip(cells, expected):
+                assert m == pytest.approx(em, abs=0.005 + 1e-4) and sd == pytest.approx(esd, abs=0.005 + 1e-4), row
+    assert re.fullmatch(r"\(a\) global mask \+ CE(\s+\+0\.00 ± 0\.00){4}", lines[split + 2])
+
+
+def test_paired_differences_by_hand():
+    results = {("x", 0): [3.0, 1.0], ("x", 1): [5.0, 1.0], ("x", 2): [10.0, 4.0],
+               ("base", 0): [1.0, 2.0], ("base", 1): [2.0, 2.0], ("base", 2): [4.0, 2.0]}
+    diffs = evaluation.paired(results, ["x", "base"], (0, 1, 2), "base")
+    # x - base per seed: mIoU 2, 3, 6 -> mean 11/3, sample std sqrt(((2-11/3)^2 + (3-11/3)^2 + (6-11/3)^2) / 2)
+    mean, std = diffs["x"]
+    assert mean[0].item() == pytest.approx(11 / 3) and std[0].item() == pytest.approx(math.sqrt((25 + 4 + 49) / 18))
+    assert mean[1].item() == pytest.approx(0.0) and std[1].item() == pytest.approx(math.sqrt(3))  # -1, -1, 2
+    assert diffs["base"][0].tolist() == [0.0, 0.0] and diffs["base"][1].tolist() == [0.0, 0.0]
+    # unpaired, the seed-to-seed spread of x (std 3.6) would hide a difference its pairing shows (std 2.1)
+    assert std[0].item() < statistics.stdev([3.0, 5.0, 10.0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1792,7 +1818,7 @@ def test_ablation_starts_carb_at_each_datasets_official_ratio(data, iters, carb_
 
     monkeypatch.setattr(carb, "main", fake_main)
     evaluation.ablation([str(a) for a in ["--data", data, "--iters", iters, "--out", tmp_path / "a"]])
-    assert set(starts) == {iters, carb_start}  # (a), (b): never (ITERS); the others: the official ratio
+    assert set(starts) == {iters, carb_start}  # the oracle, (a), (b): never (ITERS); the others: the official ratio
 
 
 def test_class_tables_and_palettes():
@@ -1872,6 +1898,35 @@ def test_train_and_eval_on_the_flat_layout(data, tiny_clip_path, tmp_path, capsy
     assert again == model
     with pytest.raises(carb.CarbError, match="labelid is the Cityscapes benchmark's format"):
         run_eval("--data", data, "--data-root", root, "--pred-dir", saved, "--pred-format", "labelid")
+
+
+def test_oracle_trains_on_the_gt_train_ids_only_when_asked(tree, tmp_path, monkeypatch, capsys):
+    """--oracle: each sample carries its GT as trainIds (road 7 -> 0, car 26 -> 13, unlabeled 0 -> 255), CE, no local
+    view; without it, samples carry no mask and no train label file is opened once the image-level labels exist."""
+    opened = []
+    read = carb.read_train_ids
+    monkeypatch.setattr(carb, "read_train_ids", lambda path, data="cityscapes": opened.append(path) or read(path, data))
+    argv = [str(a) for a in small_argv(tree, tmp_path)]
+    plain = carb.parse_args(argv)
+    train_set = carb.prepare_data(plain, torch.device("cpu"), 0, 1, lambda: None)[0]
+    opened.clear()
+    assert all(len(train_set[(k, k % 2)]) == 3 for k in range(4)) and opened == []
+    oracle = carb.parse_args(argv + ["--oracle"])
+    assert oracle.no_local_view and oracle.carb_start == oracle.iters == 2  # plain CE on the global view
+    train_set = carb.prepare_data(oracle, torch.device("cpu"), 0, 1, lambda: None)[0]
+    opened.clear()
+    seen = set()
+    for k in range(8):
+        *_, mask = train_set[(k, 1)]  # image 1: rows 0-9 unlabeled, 10-49 road, 50-63 car, at 16-32x its size
+        seen |= set(mask.unique().tolist())
+    assert seen <= {0, 13, 255} and {0, 13} <= seen  # trainIds: a raw labelId (7, 26) never shows
+    assert opened == [str(tree / "gtFine/train/city/x_000000_000001_gtFine_labelIds.png")] * 8
+    with pytest.raises(carb.CarbError, match="--oracle reads the train GT masks, --image-labels says none"):
+        carb.parse_args(argv + ["--oracle", "--image-labels", str(tmp_path / "tags.json")])
+    carb.run(argv + ["--oracle"])
+    assert "(--oracle: trained on GT masks: not CARB results)" in capsys.readouterr().out
+    code, err = run_carb(capsys, *(argv[:-2] + ["--resume", "--device", "cpu"]))  # the oracle run, without --oracle
+    assert_one_line_error(code, err, "--oracle True, not False")
 
 
 def test_image_labels_json_gives_the_masks_labels(tmp_path):
